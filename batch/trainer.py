@@ -1,0 +1,101 @@
+"""Batch training: the bootstrap (several epochs over history) and the nightly update
+(warm-started from the champion, exactly one epoch over one day, every parameter).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from common.bundle import Examples, Features, ModelBundle, encode_examples
+from common.dataset import Dataset
+from common.events import Events
+from common.settings import Settings, TrainSettings
+from common.training import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class EmptyTrainingDataError(ValueError):
+    """There are no positive events to learn from in the requested range."""
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """Figures a training run reports (and the registry records)."""
+
+    examples: int
+    epochs: int
+    seconds: float
+    examples_per_s: float
+    final_loss: float
+
+
+def hot_item_keep_mask(item_rows: np.ndarray, threshold: float,
+                       rng: np.random.Generator) -> np.ndarray:
+    """word2vec-style down-sampling of very frequent positives (threshold 0 keeps all)."""
+    if threshold <= 0 or len(item_rows) == 0:
+        return np.ones(len(item_rows), dtype=bool)
+    counts = np.bincount(item_rows)
+    freq = counts[item_rows] / len(item_rows)
+    keep_p = np.minimum(1.0, np.sqrt(threshold / freq) + threshold / freq)
+    return rng.random(len(item_rows)) < keep_p
+
+
+def run_epochs(trainer: Trainer, examples: Examples, epochs: int, ts: TrainSettings,
+               desc: str) -> TrainStats:
+    """Shuffled mini-batch epochs with a progress bar; returns throughput and loss."""
+    rng = np.random.default_rng(ts.seed)
+    start, seen, losses = time.perf_counter(), 0, []
+    for epoch in range(epochs):
+        keep = np.flatnonzero(hot_item_keep_mask(examples.item_rows, ts.hot_item_threshold, rng))
+        order = rng.permutation(keep)
+        batches = range(0, len(order), ts.batch_size)
+        for lo in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch",
+                       disable=None, leave=False):
+            idx = order[lo: lo + ts.batch_size]
+            if len(idx) < 2:  # a softmax over one candidate teaches nothing
+                continue
+            losses.append(trainer.step(examples.take(idx)).loss)
+            seen += len(idx)
+        log.info("epoch done", extra={"desc": desc, "epoch": epoch + 1,
+                                      "loss": float(np.mean(losses[-50:] or [np.nan]))})
+    seconds = time.perf_counter() - start
+    return TrainStats(seen, epochs, seconds, seen / max(seconds, 1e-9),
+                      float(np.mean(losses[-20:])) if losses else float("nan"))
+
+
+def bootstrap(settings: Settings, dataset: Dataset, history: Events,
+              epochs: int | None = None) -> tuple[ModelBundle, TrainStats]:
+    """First model from a range of history (several epochs, everything trained)."""
+    ts = settings.train
+    positives = history.positives(ts.rating_threshold)
+    if len(positives) < 2:
+        raise EmptyTrainingDataError(
+            f"bootstrap needs positive events, got {len(positives)} in {len(history)} events")
+    bundle = ModelBundle.create(settings.model, dataset.users, dataset.items, seed=ts.seed)
+    bundle.observe(positives)
+    features = Features.build(bundle, dataset.users, dataset.items)
+    trainer = Trainer(bundle, features, ts, mode="full")
+    stats = run_epochs(trainer, encode_examples(bundle, features, positives),
+                       epochs or ts.bootstrap_epochs, ts, "bootstrap")
+    return bundle, stats
+
+
+def nightly(settings: Settings, bundle: ModelBundle, dataset: Dataset,
+            day_events: Events) -> TrainStats:
+    """One shuffled epoch over a day's events, every parameter updated, in place."""
+    ts = settings.train
+    positives = day_events.positives(ts.rating_threshold)
+    if len(positives) < 2:
+        raise EmptyTrainingDataError(
+            f"the day has {len(day_events)} events and {len(positives)} positives; "
+            "nothing to train on (is the partition landed?)")
+    bundle.observe(positives)
+    features = Features.build(bundle, dataset.users, dataset.items)
+    trainer = Trainer(bundle, features, ts, mode="full")
+    return run_epochs(trainer, encode_examples(bundle, features, positives), 1, ts, "nightly")

@@ -1,0 +1,215 @@
+"""The one typed settings object, read from ``RECSTREAM_*`` environment variables.
+
+Top-level fields map to ``RECSTREAM_<FIELD>`` (``RECSTREAM_HOME``); grouped fields
+to ``RECSTREAM_<GROUP>_<FIELD>`` (``RECSTREAM_KAFKA_BOOTSTRAP``,
+``RECSTREAM_MODEL_EMBEDDING_DIM``). An optional TOML file named by
+``RECSTREAM_CONFIG`` supplies values first; environment variables override it.
+Invalid values fail at start-up with a message naming the variable.
+
+>>> s = load_settings({"RECSTREAM_MODEL_EMBEDDING_DIM": "16"})
+>>> s.model.embedding_dim
+16
+>>> load_settings({"RECSTREAM_MODEL_EMBEDDING_DIM": "many"})
+Traceback (most recent call last):
+...
+common.settings.SettingsError: RECSTREAM_MODEL_EMBEDDING_DIM='many': Input should be a valid integer, unable to parse string as an integer
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+PREFIX = "RECSTREAM_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Group):
+    """Broker connection and topics. Empty bootstrap = start the embedded broker."""
+
+    bootstrap: str = ""
+    topic: str = "interactions"
+    dlq_topic: str = "interactions.dlq"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: SecretStr = SecretStr("")
+    max_message_bytes: int = Field(64 * 1024, gt=0)
+
+
+class RedisSettings(_Group):
+    """Redis connection. Empty url = start the embedded server."""
+
+    url: str = ""
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    tls: bool = False
+    retention_versions: int = Field(3, ge=1)
+
+
+class ModelSettings(_Group):
+    """Two-tower architecture knobs (saved with each model version)."""
+
+    embedding_dim: int = Field(32, ge=2, le=1024)
+    feature_dim: int = Field(16, ge=1, le=1024)
+    hidden_dims: tuple[int, ...] = (64,)
+    output_dim: int = Field(32, ge=2, le=1024)
+    senet: bool = False
+    temperature: float = Field(0.05, gt=0)
+    min_count: int = Field(2, ge=1)
+    freq_hash_size: int = Field(1 << 20, ge=16)
+    freq_num_hashes: int = Field(2, ge=1, le=8)
+    freq_alpha: float = Field(0.01, gt=0, le=1)
+
+
+class TrainSettings(_Group):
+    """Optimisation knobs for the bootstrap, nightly and stream updates."""
+
+    loss: Literal["inbatch", "pointwise"] = "inbatch"
+    batch_size: int = Field(1024, ge=2)
+    bootstrap_epochs: int = Field(8, ge=1)
+    lr_dense: float = Field(3e-3, gt=0)
+    lr_embedding: float = Field(0.05, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    logq_strength: float = Field(1.0, ge=0)
+    random_negatives: int = Field(0, ge=0)
+    pointwise_negatives: int = Field(4, ge=1)
+    hot_item_threshold: float = Field(0.0, ge=0, description="0 disables down-sampling")
+    rating_threshold: float = 4.0
+    max_grad_norm: float = Field(10.0, gt=0)
+    max_loss: float = Field(1e4, gt=0, description="a loss above this counts as divergence")
+    seed: int = 0
+    threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
+
+
+class EvalSettings(_Group):
+    """Offline evaluation and the registry gate."""
+
+    ks: tuple[int, ...] = (10, 50)
+    gate_metric: str = "recall@50"
+    gate_tolerance: float = Field(0.02, ge=0)
+
+
+class Settings(BaseModel):
+    """Everything recstream can be configured with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    home: Path = Path("./var")
+    data_cache: Path = Path.home() / ".cache" / "recstream"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    log_format: Literal["text", "json"] = "text"
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    def with_overrides(self, **groups: dict[str, Any]) -> Settings:
+        """A copy with some group fields replaced (validated), e.g. ``train={"seed": 1}``."""
+        data = self.model_dump()
+        for group, values in groups.items():
+            data[group].update(values)
+        return Settings.model_validate(data)
+
+    def model_hash(self) -> str:
+        """Short hash of the model-defining settings, recorded in each version's meta."""
+        blob = json.dumps(self.model.model_dump(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+_GROUPS = {name for name, f in Settings.model_fields.items()
+           if isinstance(f.default, BaseModel)}
+
+
+def env_var_names() -> list[str]:
+    """Every environment variable the settings object reads."""
+    names = [PREFIX + "CONFIG"]
+    for name, f in Settings.model_fields.items():
+        if name in _GROUPS:
+            group_cls = type(f.default)
+            names += [f"{PREFIX}{name}_{sub}".upper() for sub in group_cls.model_fields]
+        else:
+            names.append(f"{PREFIX}{name}".upper())
+    return names
+
+
+def _env_to_dict(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    data: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    known = set(env_var_names())
+    for key, raw in env.items():
+        if not key.startswith(PREFIX) or key == PREFIX + "CONFIG":
+            continue
+        if key not in known:
+            raise SettingsError(f"{key}: unknown setting (known: see README, Configuration)")
+        rest = key[len(PREFIX):].lower()
+        group = next((g for g in _GROUPS if rest.startswith(g + "_")), None)
+        value: Any = _parse_tuple(raw) if _is_tuple_field(group, rest) else raw
+        if group is None:
+            data[rest] = value
+            sources[(rest,)] = key
+        else:
+            field = rest[len(group) + 1:]
+            data.setdefault(group, {})[field] = value
+            sources[(group, field)] = key
+    return data, sources
+
+
+def _is_tuple_field(group: str | None, rest: str) -> bool:
+    if group is None:
+        return False
+    group_cls = type(Settings.model_fields[group].default)
+    f = group_cls.model_fields.get(rest[len(group) + 1:])
+    return f is not None and isinstance(f.default, tuple)
+
+
+def _parse_tuple(raw: str) -> list[str]:
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from the environment (and ``RECSTREAM_CONFIG``'s TOML file)."""
+    env = os.environ if env is None else env
+    file_data: dict[str, Any] = {}
+    config_path = env.get(PREFIX + "CONFIG")
+    if config_path:
+        try:
+            file_data = tomllib.loads(Path(config_path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"RECSTREAM_CONFIG={config_path!r}: {exc}") from exc
+    env_data, sources = _env_to_dict(env)
+    try:
+        return Settings.model_validate(_merge(file_data, env_data))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
+        name = sources.get(loc) or f"{config_path}: {'.'.join(loc)}"
+        value = err.get("input")
+        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        raise SettingsError(f"{name}{shown}: {err['msg']}") from None

@@ -1,0 +1,135 @@
+"""One gradient step on a model bundle, shared by the nightly (full) and the stream
+(embedding-only) so both use the same loss and continue one frequency estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from common.bundle import Examples, Features, ModelBundle
+from common.freq import stable_hash
+from common.losses import inbatch_softmax_loss, pointwise_bce_loss
+from common.settings import TrainSettings
+
+Mode = Literal["full", "embedding"]
+_SAMPLER_REFRESH_STEPS = 100
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf or exceeded the configured ceiling; nothing was applied."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step did: its loss and the ID rows it changed."""
+
+    loss: float
+    user_rows: np.ndarray
+    item_rows: np.ndarray
+
+
+class NegativeSampler:
+    """Draws item rows with probability ∝ positives^0.75 (word2vec's smoothing)."""
+
+    def __init__(self, counts: np.ndarray, generator: torch.Generator) -> None:
+        weights = torch.from_numpy(np.power(counts, 0.75))
+        weights[0] = 0.0  # the shared cold row is not an item
+        total = float(weights.sum())
+        if total <= 0:
+            raise ValueError("no item has a positive yet: cannot sample negatives")
+        self.prob = weights / total
+        self.cdf = torch.cumsum(self.prob, 0)
+        self.generator = generator
+
+    def sample(self, n: int) -> torch.Tensor:
+        u = torch.rand(n, generator=self.generator, dtype=self.cdf.dtype) * self.cdf[-1]
+        return torch.searchsorted(self.cdf, u).clamp_(max=len(self.cdf) - 1)
+
+
+class Trainer:
+    """Applies steps to a bundle. ``full`` updates every parameter; ``embedding`` only
+    the ID rows of the users and items in the batch (dense layers and side-feature
+    embeddings stay bit-identical)."""
+
+    def __init__(self, bundle: ModelBundle, features: Features, ts: TrainSettings,
+                 mode: Mode = "full") -> None:
+        self.bundle, self.features, self.ts, self.mode = bundle, features, ts, mode
+        params = list(bundle.model.parameters())
+        for p in params:
+            p.requires_grad_(mode == "full")
+        self.opt = (torch.optim.Adam(params, lr=ts.lr_dense, weight_decay=ts.weight_decay)
+                    if mode == "full" else None)
+        self.generator = torch.Generator().manual_seed(ts.seed)
+        self._sampler: NegativeSampler | None = None
+        self._sampler_age = 0
+        self._item_maps: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def _negatives(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` sampled item rows and the log of their sampling probability."""
+        self._sampler_age += 1
+        if self._sampler is None or self._sampler_age >= _SAMPLER_REFRESH_STEPS \
+                or len(self._sampler.cdf) != len(self.bundle.item_counts):
+            self._sampler = NegativeSampler(self.bundle.item_counts, self.generator)
+            self._sampler_age = 0
+        rows = self._sampler.sample(n)
+        return rows, torch.log(self._sampler.prob[rows].float().clamp_min(1e-12))
+
+    def _row_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item row → feature row and → frequency key, rebuilt when the vocabulary grows."""
+        vocab = self.bundle.item_vocab
+        if self._item_maps is None or self._item_maps[0] != len(vocab):
+            ids = vocab.ids
+            feat = np.concatenate([[0], self.features.items.rows(ids)]).astype(np.int64)
+            keys = np.concatenate([[0], stable_hash(ids)]).astype(np.uint64)
+            self._item_maps = (len(vocab), torch.from_numpy(feat),
+                               torch.from_numpy(keys.view(np.int64)))
+        return self._item_maps[1], self._item_maps[2]
+
+    def step(self, ex: Examples) -> StepResult:
+        """One update on a batch of positives; raises ``TrainingDivergedError`` on a bad loss."""
+        model, ts = self.bundle.model, self.ts
+        b = len(ex)
+        item_rows = torch.from_numpy(ex.item_rows)
+        item_feat = torch.from_numpy(ex.item_feat)
+        n_neg = ts.random_negatives if ts.loss == "inbatch" else ts.pointwise_negatives * b
+        neg_rows = neg_logp = None
+        if n_neg:
+            neg_rows, neg_logp = self._negatives(n_neg)
+            feat_map, _ = self._row_maps()
+            item_rows = torch.cat([item_rows, neg_rows])
+            item_feat = torch.cat([item_feat, feat_map[neg_rows]])
+        u_emb, u_grad = model.user.ids.gather(torch.from_numpy(ex.user_rows), trainable=True)
+        i_emb, i_grad = model.item.ids.gather(item_rows, trainable=True)
+        u_cat, u_multi = self.features.users.gather(torch.from_numpy(ex.user_feat))
+        i_cat, i_multi = self.features.items.gather(item_feat)
+        u = model.user(u_emb, u_cat, u_multi)
+        v = model.item(i_emb, i_cat, i_multi)
+        self.bundle.freq.update(ex.item_keys)
+        if ts.loss == "inbatch":
+            log_q = torch.from_numpy(np.log(self.bundle.freq.probability(ex.item_keys)))
+            keys = torch.from_numpy(ex.item_keys.view(np.int64))
+            neg_log_q = None if neg_logp is None else neg_logp + math.log(n_neg)
+            loss = inbatch_softmax_loss(u, v[:b], keys, log_q.float(), model.temperature,
+                                        ts.logq_strength, v[b:] if n_neg else None, neg_log_q)
+        else:
+            negs = v[b:].view(b, ts.pointwise_negatives, -1)
+            loss = pointwise_bce_loss(u, v[:b], negs, model.temperature, model.bias)
+        value = float(loss.detach())
+        if not math.isfinite(value) or value > ts.max_loss:
+            raise TrainingDivergedError(
+                f"loss is {value} (ceiling RECSTREAM_TRAIN_MAX_LOSS={ts.max_loss}); "
+                "no update was applied")
+        loss.backward()
+        if self.opt is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), ts.max_grad_norm)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        assert u_grad is not None and i_grad is not None
+        u_grad.apply(ts.lr_embedding)
+        i_grad.apply(ts.lr_embedding)
+        return StepResult(value, u_grad.rows.numpy(), i_grad.rows.numpy())
