@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -131,3 +132,21 @@ def _as_str(values: Any) -> np.ndarray:
     if arr.dtype == object and (len(arr) == 0 or isinstance(arr[0], str)):
         return arr
     return arr.astype(str).astype(object)
+
+
+def parse_day(day: str) -> int:
+    """``YYYY-MM-DD`` (UTC) → milliseconds at that day's midnight.
+
+    >>> parse_day("1970-01-02")
+    86400000
+    """
+    try:
+        parsed = dt.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=dt.UTC)
+    except ValueError:
+        raise ValueError(f"invalid day {day!r}: expected YYYY-MM-DD") from None
+    return int(parsed.timestamp() * 1000)
+
+
+def format_day(ts_ms: int) -> str:
+    """Milliseconds since the epoch → the UTC day ``YYYY-MM-DD`` it falls on."""
+    return dt.datetime.fromtimestamp(ts_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d")

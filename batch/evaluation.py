@@ -1,0 +1,99 @@
+"""Offline evaluation (``recstream eval``): the two-tower variants against baselines on one
+temporal split, every figure in one JSON-able report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from batch.trainer import bootstrap
+from common.baselines import ItemKNNScorer, PopularityScorer, RecentPopularityScorer
+from common.bundle import Features
+from common.dataset import Dataset, Scorer
+from common.evaluate import evaluate_scorer, temporal_split
+from common.events import DAY_MS, Events, format_day, parse_day
+from common.scoring import TwoTowerScorer
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Settings overrides per trained model name; the README table is made from these.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "dssm_pointwise": {"train": {"loss": "pointwise"}},
+    "two_tower": {},
+    "two_tower_senet": {"model": {"senet": True}},
+    "two_tower_no_logq": {"train": {"logq_strength": 0.0}},
+}
+BASELINES: dict[str, Callable[[Events, np.ndarray, Settings], Scorer]] = {
+    "popularity": lambda tr, cat, s: PopularityScorer(tr, cat, s.train.rating_threshold),
+    "recent_popularity": lambda tr, cat, s: RecentPopularityScorer(
+        tr, cat, s.train.rating_threshold, window_days=30),
+    "item_knn": lambda tr, cat, s: ItemKNNScorer(tr, cat, s.train.rating_threshold),
+}
+DEFAULT_MODELS = ("popularity", "recent_popularity", "item_knn", "dssm_pointwise", "two_tower",
+                  "two_tower_senet")
+
+
+def default_train_before(events: Events, test_days: int) -> str:
+    """The day that leaves exactly the last ``test_days`` days of the data for testing."""
+    last_day_start = (int(events.ts_ms.max()) // DAY_MS) * DAY_MS
+    return format_day(last_day_start - (test_days - 1) * DAY_MS)
+
+
+def build_scorer(name: str, settings: Settings, dataset: Dataset, train: Events,
+                 catalog: np.ndarray) -> Scorer:
+    """A fitted scorer for a model name (baselines fit instantly, variants train)."""
+    if name in BASELINES:
+        return BASELINES[name](train, catalog, settings)
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; known: "
+                         f"{', '.join([*BASELINES, *VARIANTS])}")
+    variant = settings.with_overrides(**VARIANTS[name])
+    bundle, _ = bootstrap(variant, dataset, train)
+    features = Features.build(bundle, dataset.users, dataset.items)
+    return TwoTowerScorer(bundle, features, catalog)
+
+
+def run_offline_eval(settings: Settings, dataset: Dataset, train_before: str | None,
+                     test_days: int, users: str, models: Sequence[str]) -> dict[str, Any]:
+    """Train/fit every model on the split and evaluate it; returns the report."""
+    for name in models:
+        if name not in BASELINES and name not in VARIANTS:
+            raise ValueError(f"unknown model {name!r}; known: "
+                             f"{', '.join([*BASELINES, *VARIANTS])}")
+    train_before = train_before or default_train_before(dataset.events, test_days)
+    train, test = temporal_split(dataset.events, parse_day(train_before), test_days)
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"split at {train_before} leaves {len(train)} training and "
+                         f"{len(test)} test events; pick another --train-before")
+    catalog = dataset.catalog()
+    report: dict[str, Any] = {
+        "dataset": dataset.name, "train_before": train_before, "test_days": test_days,
+        "users": users, "train_events": len(train), "test_events": len(test),
+        "catalog_items": len(catalog), "models": {},
+    }
+    for name in models:
+        start = time.perf_counter()
+        scorer = build_scorer(name, settings, dataset, train, catalog)
+        metrics = evaluate_scorer(scorer, catalog, train, test, ks=settings.eval.ks,
+                                  rating_threshold=settings.train.rating_threshold, users=users)
+        metrics["seconds"] = round(time.perf_counter() - start, 2)
+        report["models"][name] = metrics
+        log.info("model evaluated", extra={"model": name, **metrics})
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A fixed-width table of the headline metrics, one row per model."""
+    cols = ["recall@10", "recall@50", "ndcg@10", "hitrate@50", "auc"]
+    lines = [f"{report['dataset']}: train before {report['train_before']}, test "
+             f"{report['test_days']} days, users={report['users']}",
+             f"{'model':<22}" + "".join(f"{c:>11}" for c in cols)]
+    for name, m in report["models"].items():
+        lines.append(f"{name:<22}" + "".join(f"{m.get(c, float('nan')):>11.4f}" for c in cols))
+    return "\n".join(lines)

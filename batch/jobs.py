@@ -1,0 +1,69 @@
+"""Training jobs as the CLI runs them: pick the data, train, register the version."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+from batch.trainer import bootstrap, nightly
+from common.dataset import Dataset
+from common.events import DAY_MS, Events, format_day
+from common.registry import Registry
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A registered version and how it was made."""
+
+    version: str
+    promoted: bool
+    cutoff_day: str
+    examples: int
+    examples_per_s: float
+    final_loss: float
+
+
+def bootstrap_job(settings: Settings, dataset: Dataset, start_ms: int | None,
+                  end_ms: int | None, epochs: int | None = None,
+                  promote: bool | None = None) -> JobResult:
+    """Train the first model on ``[start_ms, end_ms)`` and register it.
+
+    The version becomes champion when there is none yet (or when ``promote`` says so).
+    """
+    history = dataset.events.between(start_ms, end_ms)
+    if len(history) == 0:
+        raise ValueError("no events in the requested range; check --from/--to")
+    cutoff = int(history.ts_ms.max()) + 1 if end_ms is None else end_ms
+    bundle, stats = bootstrap(settings, dataset, history, epochs)
+    registry = Registry(settings.models_dir)
+    version = registry.register(
+        bundle, kind="bootstrap", cutoff_ms=cutoff, parent=None, metrics={},
+        config_hash=settings.model_hash(),
+        extra={"dataset": dataset.name, "train": asdict(stats)})
+    do_promote = registry.aliases()["champion"] is None if promote is None else promote
+    if do_promote:
+        registry.promote(version)
+    log.info("bootstrap registered", extra={"version": version, "promoted": do_promote})
+    return JobResult(version, do_promote, format_day(cutoff - 1), stats.examples,
+                     stats.examples_per_s, stats.final_loss)
+
+
+def nightly_job(settings: Settings, dataset: Dataset, day_ms: int,
+                promote: bool = False) -> JobResult:
+    """Warm-start from the champion, one epoch over the day, register (promote on request)."""
+    registry = Registry(settings.models_dir)
+    bundle, meta = registry.load("champion")
+    day_events: Events = dataset.events.between(day_ms, day_ms + DAY_MS)
+    stats = nightly(settings, bundle, dataset, day_events)
+    version = registry.register(
+        bundle, kind="nightly", cutoff_ms=day_ms + DAY_MS, parent=meta["version"], metrics={},
+        config_hash=settings.model_hash(),
+        extra={"dataset": dataset.name, "day": format_day(day_ms), "train": asdict(stats)})
+    if promote:
+        registry.promote(version)
+    log.info("nightly registered", extra={"version": version, "parent": meta["version"]})
+    return JobResult(version, promote, format_day(day_ms), stats.examples,
+                     stats.examples_per_s, stats.final_loss)

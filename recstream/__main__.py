@@ -1,0 +1,5 @@
+import sys
+
+from recstream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,183 @@
+"""The ``recstream`` command: one entry point, a subcommand per job.
+
+Bad arguments get a one-line message and exit status 2; a job that fails for a
+reason the operator can act on (missing data, corrupt version, bad setting)
+gets a one-line message and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from common.settings import Settings, SettingsError, load_settings
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command-line argument is invalid (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage dump: operators grep logs for this.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _day(text: str) -> str:
+    from common.events import parse_day
+
+    try:
+        parse_day(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m", "synthetic"],
+                   help="data set to read (default: ml-100k, fetched into the cache)")
+    p.add_argument("--path", type=Path, default=None,
+                   help="directory with GroupLens' own files (u.data… or ratings.dat…)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (exposed for tests and docs)."""
+    parser = _Parser(prog="recstream", description="Streaming online learning for two-tower "
+                     "retrieval: batch training, evaluation and the model registry.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="fetch data sets into the cache")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    fetch = data_sub.add_parser("fetch", help="download a data set into RECSTREAM_DATA_CACHE")
+    fetch.add_argument("name", choices=["ml-100k"])
+
+    train = sub.add_parser("train", help="bootstrap a model or run one nightly update")
+    mode = train.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--bootstrap", action="store_true",
+                      help="first model from a range of history (several epochs)")
+    mode.add_argument("--nightly", action="store_true",
+                      help="one epoch over --day, warm-started from the champion")
+    _add_dataset_args(train)
+    train.add_argument("--from", dest="start", type=_day, help="bootstrap: first day (incl.)")
+    train.add_argument("--to", dest="end", type=_day, help="bootstrap: last day (excl.)")
+    train.add_argument("--day", type=_day, help="nightly: the day to train on (YYYY-MM-DD)")
+    train.add_argument("--epochs", type=_positive_int, help="bootstrap epochs (default: "
+                       "RECSTREAM_TRAIN_BOOTSTRAP_EPOCHS)")
+    train.add_argument("--promote", action="store_true",
+                       help="make the new version champion right away")
+
+    ev = sub.add_parser("eval", help="offline evaluation of the two-tower against baselines")
+    _add_dataset_args(ev)
+    ev.add_argument("--train-before", type=_day,
+                    help="train on events before this day (default: the last --test-days)")
+    ev.add_argument("--test-days", type=_positive_int, default=30)
+    ev.add_argument("--users", choices=["all", "warm"], default="all",
+                    help="evaluate every user with a test positive, or only warm ones")
+    ev.add_argument("--models", default=None,
+                    help="comma-separated model names (default: the README table's)")
+    ev.add_argument("--json", type=Path, default=None, help="write every figure here")
+
+    sub.add_parser("demo", help="fetch ML-100K, bootstrap a model, print the evaluation table")
+    return parser
+
+
+def _dataset(settings: Settings, args: argparse.Namespace) -> Any:
+    from common.movielens import load_dataset
+
+    return load_dataset(args.dataset, settings.data_cache, path=args.path)
+
+
+def _cmd_data(settings: Settings, args: argparse.Namespace) -> None:
+    from common.movielens import fetch_ml100k
+
+    print(fetch_ml100k(settings.data_cache))
+
+
+def _cmd_train(settings: Settings, args: argparse.Namespace) -> None:
+    from batch.jobs import bootstrap_job, nightly_job
+    from common.events import parse_day
+
+    dataset = _dataset(settings, args)
+    if args.bootstrap:
+        if args.day:
+            raise UsageError("--day applies to --nightly; use --from/--to with --bootstrap")
+        start = parse_day(args.start) if args.start else None
+        end = parse_day(args.end) if args.end else None
+        result = bootstrap_job(settings, dataset, start, end, args.epochs,
+                               promote=True if args.promote else None)
+    else:
+        if not args.day:
+            raise UsageError("--nightly needs --day YYYY-MM-DD")
+        result = nightly_job(settings, dataset, parse_day(args.day), promote=args.promote)
+    print(json.dumps(asdict(result), indent=2))
+
+
+def _cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
+    from batch.evaluation import DEFAULT_MODELS, format_table, run_offline_eval
+
+    models = args.models.split(",") if args.models else list(DEFAULT_MODELS)
+    report = run_offline_eval(settings, _dataset(settings, args), args.train_before,
+                              args.test_days, args.users, models)
+    print(format_table(report))
+    if args.json:
+        from common.atomic import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+
+
+def _cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
+    from recstream.demo import run_demo
+
+    run_demo(settings)
+
+
+_COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        from common.logs import configure_logging
+
+        configure_logging(settings.log_level, settings.log_format)
+        if settings.train.threads:
+            import torch
+
+            torch.set_num_threads(settings.train.threads)
+        _COMMANDS[args.command](settings, args)
+    except UsageError as exc:
+        print(f"recstream: error: {exc} (see --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except (SettingsError, ValueError, RuntimeError, OSError) as exc:
+        print(f"recstream {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("recstream: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
