@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from common.bundle import Examples, Features, ModelBundle, encode_examples
 from common.dataset import Dataset
-from common.events import Events
+from common.events import DAY_MS, Events
 from common.settings import Settings, TrainSettings
 from common.training import Trainer
 
@@ -46,13 +46,25 @@ def hot_item_keep_mask(item_rows: np.ndarray, threshold: float,
     return rng.random(len(item_rows)) < keep_p
 
 
+def recency_keep_mask(ts_ms: np.ndarray, half_life_days: float,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Time-decayed sampling: an example ``a`` days older than the newest is kept with
+    probability 0.5^(a / half_life), so the model tracks recent tastes (0 keeps all)."""
+    if half_life_days <= 0 or len(ts_ms) == 0:
+        return np.ones(len(ts_ms), dtype=bool)
+    age_days = (ts_ms.max() - ts_ms) / DAY_MS
+    return rng.random(len(ts_ms)) < np.power(0.5, age_days / half_life_days)
+
+
 def run_epochs(trainer: Trainer, examples: Examples, epochs: int, ts: TrainSettings,
                desc: str) -> TrainStats:
     """Shuffled mini-batch epochs with a progress bar; returns throughput and loss."""
     rng = np.random.default_rng(ts.seed)
     start, seen, losses = time.perf_counter(), 0, []
     for epoch in range(epochs):
-        keep = np.flatnonzero(hot_item_keep_mask(examples.item_rows, ts.hot_item_threshold, rng))
+        keep = np.flatnonzero(
+            hot_item_keep_mask(examples.item_rows, ts.hot_item_threshold, rng)
+            & recency_keep_mask(examples.ts_ms, ts.recency_half_life_days, rng))
         order = rng.permutation(keep)
         batches = range(0, len(order), ts.batch_size)
         for lo in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch",

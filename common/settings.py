@@ -89,6 +89,8 @@ class TrainSettings(_Group):
     random_negatives: int = Field(0, ge=0)
     pointwise_negatives: int = Field(4, ge=1)
     hot_item_threshold: float = Field(0.0, ge=0, description="0 disables down-sampling")
+    recency_half_life_days: float = Field(
+        0.0, ge=0, description="bootstrap: keep an example of age a with prob 0.5^(a/h); 0=off")
     rating_threshold: float = 4.0
     max_grad_norm: float = Field(10.0, gt=0)
     max_loss: float = Field(1e4, gt=0, description="a loss above this counts as divergence")
