@@ -109,11 +109,15 @@ class Events:
             mask &= self.ts_ms < end_ms
         return self.take(np.flatnonzero(mask))
 
-    def positives(self, rating_threshold: float) -> Events:
-        """Clicks, and ratings at or above the threshold. Nothing else is a positive."""
+    def positive_mask(self, rating_threshold: float) -> np.ndarray:
+        """True for clicks and for ratings at or above the threshold; nothing else."""
         is_click = self.event_type == CLICK
         is_good_rating = (self.event_type == RATING) & (self.value >= rating_threshold)
-        return self.take(np.flatnonzero(is_click | is_good_rating))
+        return is_click | is_good_rating
+
+    def positives(self, rating_threshold: float) -> Events:
+        """The positive events (see ``positive_mask``)."""
+        return self.take(np.flatnonzero(self.positive_mask(rating_threshold)))
 
     def day_index(self) -> np.ndarray:
         """UTC day number (days since the epoch) of each event."""

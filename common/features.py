@@ -53,7 +53,8 @@ class FeatureTable:
     columns: dict[str, np.ndarray]
 
     @classmethod
-    def build(cls, ids: Any, fields: tuple[FieldSpec, ...], columns: dict[str, Any]) -> FeatureTable:
+    def build(cls, ids: Any, fields: tuple[FieldSpec, ...],
+              columns: dict[str, Any]) -> FeatureTable:
         ids_arr = np.asarray([str(i) for i in ids], dtype=object)
         cols: dict[str, np.ndarray] = {}
         for f in fields:

@@ -1,0 +1,279 @@
+"""Offline evaluation on a temporal split, and prequential (test-then-train) replay.
+
+>>> from common.baselines import PopularityScorer
+>>> ev = Events.from_columns(event_id=list("abcd"), user_id=["u1", "u2", "u1", "u2"],
+...                          item_id=["i1", "i1", "i2", "i2"], ts_ms=[0, 1, DAY_MS, DAY_MS])
+>>> train, test = temporal_split(ev, DAY_MS, test_days=1)
+>>> catalog = np.array(["i1", "i2", "i3"])
+>>> m = evaluate_scorer(PopularityScorer(train, catalog), catalog, train, test, ks=(1,))
+>>> m["recall@1"], m["n_users"]
+(1.0, 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from common.baselines import catalog_columns
+from common.dataset import OnlineScorer, Scorer
+from common.events import DAY_MS, Events
+from common.metrics import ranking_metrics, top_k
+
+
+def temporal_split(events: Events, train_before_ms: int, test_days: float) -> tuple[Events, Events]:
+    """Train: events before the cutoff; test: events in ``[cutoff, cutoff + test_days)``."""
+    if test_days <= 0:
+        raise ValueError(f"test_days must be positive, got {test_days}")
+    end = train_before_ms + int(test_days * DAY_MS)
+    return events.between(None, train_before_ms), events.between(train_before_ms, end)
+
+
+def evaluate_scorer(scorer: Scorer, catalog: np.ndarray, train: Events, test: Events,
+                    ks: Sequence[int] = (10, 50), rating_threshold: float = 4.0,
+                    users: Literal["all", "warm"] = "all", batch_users: int = 256
+                    ) -> dict[str, float]:
+    """Recall, NDCG and hit rate at each k, and AUC, averaged over users with test positives.
+
+    A user's training interactions (every event, not only positives) are excluded
+    from the ranking. Relevant items outside the catalogue (``n_relevant_dropped``)
+    or already seen in training (``n_relevant_seen``) are not counted, and users left
+    with no relevant item are not evaluated.
+    """
+    if users not in ("all", "warm"):
+        raise ValueError(f"users must be 'all' or 'warm', got {users!r}")
+    catalog = np.asarray(catalog, dtype=object)
+    m = max(len(catalog), 1)
+    pos = test.positives(rating_threshold)
+    pos_users = pos.user_id.astype(str)
+    cols = catalog_columns(pos.item_id, catalog)
+    dropped = len(set(zip(pos_users[cols < 0], pos.item_id[cols < 0], strict=True)))
+    names = np.unique(pos_users[cols >= 0])
+    if users == "warm":
+        names = names[np.isin(names, train.user_id.astype(str))]
+    rel_keys = _pair_keys(names, pos_users, cols, m)
+    seen_keys = _pair_keys(names, train.user_id.astype(str),
+                           catalog_columns(train.item_id, catalog), m)
+    fresh = rel_keys[~np.isin(rel_keys, seen_keys)]
+    kept = np.unique(fresh // m)
+    # Renumber the users that still have something to find, keeping keys sorted by row.
+    fresh = np.searchsorted(kept, fresh // m) * m + fresh % m
+    seen_keys = seen_keys[np.isin(seen_keys // m, kept)]
+    seen_keys = np.searchsorted(kept, seen_keys // m) * m + seen_keys % m
+    names = names[kept]
+    per_user: list[dict[str, np.ndarray]] = []
+    for lo in range(0, len(names), batch_users):
+        hi = min(lo + batch_users, len(names))
+        scores = _checked(scorer.score(names[lo:hi].tolist()), hi - lo, len(catalog))
+        relevant = _mask(fresh, lo, hi, m, len(catalog))
+        exclude = _mask(seen_keys, lo, hi, m, len(catalog))
+        per_user.append(ranking_metrics(scores, relevant, tuple(ks), exclude))
+    out: dict[str, float] = {}
+    for name in ("recall", "ndcg", "hitrate"):
+        for k in ks:
+            out[f"{name}@{k}"] = _mean(per_user, f"{name}@{k}")
+    out["auc"] = _mean(per_user, "auc")
+    out["n_users"] = len(names)
+    out["n_relevant_dropped"] = dropped
+    out["n_relevant_seen"] = len(rel_keys) - len(fresh)
+    return out
+
+
+def _pair_keys(names: np.ndarray, users: np.ndarray, cols: np.ndarray, m: int) -> np.ndarray:
+    """Sorted distinct ``row * m + col`` keys of the pairs whose user is in (sorted) ``names``."""
+    rows = np.searchsorted(names, users)
+    found = rows < len(names)
+    found[found] = names[rows[found]] == users[found]
+    ok = found & (cols >= 0)
+    return np.unique(rows[ok].astype(np.int64) * m + cols[ok])
+
+
+def _mask(keys: np.ndarray, lo: int, hi: int, m: int, n_items: int) -> np.ndarray:
+    part = keys[np.searchsorted(keys, lo * m): np.searchsorted(keys, hi * m)]
+    mask = np.zeros((hi - lo, n_items), dtype=bool)
+    mask[part // m - lo, part % m] = True
+    return mask
+
+
+def _checked(scores: np.ndarray, n_users: int, n_items: int) -> np.ndarray:
+    scores = np.asarray(scores)
+    if scores.shape != (n_users, n_items):
+        raise ValueError(f"scorer returned shape {scores.shape}, expected {(n_users, n_items)} "
+                         "(users x catalogue items)")
+    return scores
+
+
+def _mean(parts: list[dict[str, np.ndarray]], key: str) -> float:
+    values = np.concatenate([p[key] for p in parts]) if parts else np.zeros(0)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+@dataclass(frozen=True)
+class GroupStat:
+    """Prequential hits for one group of scored events (a day or a user)."""
+
+    key: int | str
+    n_events: int
+    hits: int
+
+    @property
+    def recall(self) -> float:
+        return self.hits / self.n_events if self.n_events else float("nan")
+
+
+@dataclass(frozen=True)
+class PrequentialResult:
+    """One row per scored positive event: who, what, when, and whether top-K held it."""
+
+    k: int
+    user_id: np.ndarray
+    item_id: np.ndarray
+    ts_ms: np.ndarray
+    hit: np.ndarray
+    n_skipped_seen: int = 0
+    n_skipped_uncatalogued: int = 0
+
+    @property
+    def recall(self) -> float:
+        """Share of scored positives whose item was in the user's top-K (prequential recall@K)."""
+        return float(self.hit.mean()) if len(self.hit) else float("nan")
+
+    def per_day(self) -> list[GroupStat]:
+        """Hits per UTC day (days since the epoch), in day order."""
+        return _grouped(self.ts_ms // DAY_MS, self.hit, int)
+
+    def per_user(self, users: Iterable[str] | None = None) -> list[GroupStat]:
+        """Hits per user, optionally only for the given users, in user-id order."""
+        res = self if users is None else self.restrict(users)
+        return _grouped(res.user_id.astype(str), res.hit, str)
+
+    def restrict(self, users: Iterable[str]) -> PrequentialResult:
+        """The same result keeping only the given users' events (e.g. drifted users)."""
+        keep = np.isin(self.user_id.astype(str), np.asarray(list(users), dtype=str))
+        return PrequentialResult(self.k, self.user_id[keep], self.item_id[keep],
+                                 self.ts_ms[keep], self.hit[keep], self.n_skipped_seen,
+                                 self.n_skipped_uncatalogued)
+
+
+def _grouped(keys: np.ndarray, hit: np.ndarray, cast: type) -> list[GroupStat]:
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    n = np.bincount(inverse, minlength=len(uniq))
+    hits = np.bincount(inverse, weights=hit, minlength=len(uniq))
+    return [GroupStat(cast(u), int(c), int(h)) for u, c, h in zip(uniq, n, hits, strict=True)]
+
+
+def prequential(model: OnlineScorer, catalog: np.ndarray, events: Events, k: int = 50,
+                chunk_events: int | None = 1000, chunk_ms: int | None = None,
+                rating_threshold: float = 4.0, exclude_seen: bool = True,
+                seen: Events | None = None, batch_users: int = 256) -> PrequentialResult:
+    """Replay events in time order: score each chunk's positives, THEN learn the chunk.
+
+    A chunk closes after ``chunk_events`` events or at the end of a ``chunk_ms`` window
+    (windows aligned to multiples of ``chunk_ms``, like a timer firing every interval),
+    whichever comes first. With ``exclude_seen`` the items a user interacted with before
+    an event (in ``seen`` or earlier in the replay) are removed from that event's top-K,
+    and positives on such items are skipped (``n_skipped_seen``): they cannot be hits.
+    """
+    if chunk_events is None and chunk_ms is None:
+        raise ValueError("set chunk_events, chunk_ms or both")
+    catalog = np.asarray(catalog, dtype=object)
+    events = events.sorted_by_time()
+    cols = catalog_columns(events.item_id, catalog)
+    positive = events.positive_mask(rating_threshold)
+    tracker = _SeenTracker()
+    if seen is not None:
+        for user, col in zip(seen.user_id, catalog_columns(seen.item_id, catalog), strict=True):
+            tracker.add(str(user), int(col))
+    scored: list[np.ndarray] = []
+    hits: list[np.ndarray] = []
+    skipped = {"seen": 0, "uncatalogued": 0}
+    bounds = _chunk_bounds(events.ts_ms, chunk_events, chunk_ms)
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        queries = _queries(events, cols, positive, lo, hi, tracker, exclude_seen, skipped)
+        for start in range(0, len(queries), batch_users):
+            batch = queries[start: start + batch_users]
+            scored.append(np.array([q[0] for q in batch], dtype=np.int64))
+            hits.append(_hits(model, catalog, batch, tracker, k, exclude_seen))
+        # Test-then-train: the model learns the chunk only after every query above.
+        model.learn(events.take(np.arange(lo, hi)))
+    idx = np.concatenate(scored) if scored else np.zeros(0, np.int64)
+    return PrequentialResult(k, events.user_id[idx], events.item_id[idx], events.ts_ms[idx],
+                             np.concatenate(hits) if hits else np.zeros(0, bool),
+                             skipped["seen"], skipped["uncatalogued"])
+
+
+class _SeenTracker:
+    """Catalogue columns each user has interacted with, in first-seen order."""
+
+    def __init__(self) -> None:
+        self.order: dict[str, list[int]] = {}
+        self.sets: dict[str, set[int]] = {}
+
+    def add(self, user: str, col: int) -> None:
+        if col < 0:
+            return
+        have = self.sets.setdefault(user, set())
+        if col not in have:
+            have.add(col)
+            self.order.setdefault(user, []).append(col)
+
+    def prefix(self, user: str, n: int) -> list[int]:
+        return self.order.get(user, [])[:n]
+
+
+def _queries(events: Events, cols: np.ndarray, positive: np.ndarray, lo: int, hi: int,
+             tracker: _SeenTracker, exclude_seen: bool, skipped: dict[str, int]
+             ) -> list[tuple[int, str, int, int]]:
+    """(event index, user, item column, seen-prefix length) for each positive to score.
+
+    The prefix length pins down what the user had seen just before the event, since
+    the tracker only ever appends.
+    """
+    out = []
+    for i in range(lo, hi):
+        user, col = str(events.user_id[i]), int(cols[i])
+        if positive[i]:
+            if col < 0:
+                skipped["uncatalogued"] += 1
+            elif exclude_seen and col in tracker.sets.get(user, ()):
+                skipped["seen"] += 1
+            else:
+                out.append((i, user, col, len(tracker.order.get(user, ()))))
+        tracker.add(user, col)
+    return out
+
+
+def _hits(model: Scorer, catalog: np.ndarray, batch: list[tuple[int, str, int, int]],
+          tracker: _SeenTracker, k: int, exclude_seen: bool) -> np.ndarray:
+    """Whether each query's item is in its user's top-K under the model's current state."""
+    uniq, inverse = np.unique(np.asarray([q[1] for q in batch], dtype=str), return_inverse=True)
+    scores = _checked(model.score(uniq.tolist()), len(uniq), len(catalog))[inverse]
+    exclude = None
+    if exclude_seen:
+        exclude = np.zeros(scores.shape, dtype=bool)
+        for r, (_, user, _, n_seen) in enumerate(batch):
+            exclude[r, tracker.prefix(user, n_seen)] = True
+    targets = np.array([q[2] for q in batch], dtype=np.int64)
+    return (top_k(scores, k, exclude) == targets[:, None]).any(axis=1)
+
+
+def _chunk_bounds(ts_ms: np.ndarray, chunk_events: int | None,
+                  chunk_ms: int | None) -> np.ndarray:
+    """Start positions of every chunk of time-sorted events, plus the end position."""
+    n = len(ts_ms)
+    if chunk_events is not None and chunk_events < 1:
+        raise ValueError(f"chunk_events must be at least 1, got {chunk_events}")
+    if chunk_ms is not None and chunk_ms < 1:
+        raise ValueError(f"chunk_ms must be at least 1, got {chunk_ms}")
+    window = ts_ms // chunk_ms if chunk_ms is not None else np.zeros(n, dtype=np.int64)
+    new_window = np.r_[True, window[1:] != window[:-1]] if n else np.zeros(0, bool)
+    pos = np.arange(n)
+    window_start = np.maximum.accumulate(np.where(new_window, pos, 0)) if n else pos
+    starts = new_window.copy()
+    if chunk_events is not None:
+        starts |= (pos - window_start) % chunk_events == 0
+    return np.r_[np.flatnonzero(starts), n].astype(np.int64)
