@@ -109,5 +109,7 @@ def nightly(settings: Settings, bundle: ModelBundle, dataset: Dataset,
             "nothing to train on (is the partition landed?)")
     bundle.observe(positives)
     features = Features.build(bundle, dataset.users, dataset.items)
-    trainer = Trainer(bundle, features, ts, mode="full")
-    return run_epochs(trainer, encode_examples(bundle, features, positives), 1, ts, "nightly")
+    nightly_ts = ts.model_copy(update={"lr_dense": ts.nightly_lr_dense})
+    trainer = Trainer(bundle, features, nightly_ts, mode="full")
+    return run_epochs(trainer, encode_examples(bundle, features, positives), 1, nightly_ts,
+                      "nightly")

@@ -110,9 +110,11 @@ class Events:
         return self.take(np.flatnonzero(mask))
 
     def positive_mask(self, rating_threshold: float) -> np.ndarray:
-        """True for clicks and for ratings at or above the threshold; nothing else."""
+        """True for clicks and for finite ratings at or above the threshold; nothing else."""
         is_click = self.event_type == CLICK
-        is_good_rating = (self.event_type == RATING) & (self.value >= rating_threshold)
+        # A NaN or infinite rating is broken input, never a positive.
+        valid = np.isfinite(self.value)
+        is_good_rating = (self.event_type == RATING) & valid & (self.value >= rating_threshold)
         return is_click | is_good_rating
 
     def positives(self, rating_threshold: float) -> Events:

@@ -85,6 +85,9 @@ class TrainSettings(_Group):
     bootstrap_epochs: int = Field(8, ge=1)
     lr_dense: float = Field(3e-3, gt=0)
     lr_embedding: float = Field(0.05, gt=0)
+    nightly_lr_dense: float = Field(
+        3e-4, gt=0, description="dense Adam lr of the one-epoch nightly: a day's data is "
+        "small, and a fresh optimiser at the bootstrap lr drags the towers off")
     weight_decay: float = Field(0.0, ge=0)
     logq_strength: float = Field(1.0, ge=0)
     random_negatives: int = Field(0, ge=0)
