@@ -13,13 +13,13 @@ from batch.trainer import EmptyTrainingDataError, bootstrap, nightly
 from common.baselines import PopularityScorer
 from common.bundle import Features, ModelBundle
 from common.dataset import Dataset
-from common.evaluate import evaluate_scorer, temporal_split
+from common.evaluate import evaluate_scorer, prequential, temporal_split
 from common.events import Events
 from common.registry import Registry
 from common.scoring import TwoTowerScorer
 from common.settings import Settings, load_settings
 from common.synthetic import SyntheticConfig, SyntheticData, generate
-from common.training import TrainingDivergedError
+from common.training import Trainer, TrainingDivergedError
 
 # 20 interest clusters of 50 items each; users click inside their cluster 90% of the time.
 PLANTED = SyntheticConfig(n_users=1000, n_items=1000, n_clusters=20, n_days=8,
@@ -153,3 +153,42 @@ def test_training_on_no_positives_is_a_clear_error() -> None:
         event_type=["rating", "rating"], value=[1.0, 2.0], ts_ms=[1, 2])
     with pytest.raises(EmptyTrainingDataError, match="positive"):
         bootstrap(small_settings(), ds, only_low_ratings)
+
+
+def test_embedding_only_updates_beat_a_frozen_model_prequentially(
+        drifting: SyntheticData) -> None:
+    ds, starts = drifting.dataset, drifting.day_start_ms
+    settings = _settings()
+    history = ds.events.between(None, int(starts[-1]))
+    last_day = ds.events.between(int(starts[-1]), None)
+    catalog = ds.catalog()
+    moved = (drifting.user_cluster[-1] != drifting.user_cluster[-2]) \
+        & (drifting.user_cluster[-2] >= 0)
+    drifted = [f"u{k}" for k in np.flatnonzero(moved)]
+    recalls = {}
+    for learns in (False, True):
+        bundle, _ = bootstrap(settings, ds, history)
+        features = Features.build(bundle, ds.users, ds.items)
+        trainer = Trainer(bundle, features, settings.train, mode="embedding") if learns \
+            else None
+        scorer = TwoTowerScorer(bundle, features, catalog, trainer=trainer)
+        model = scorer if learns else _Frozen(scorer)
+        result = prequential(model, catalog, last_day, k=50, chunk_events=500, seen=history)
+        recalls[learns] = (result.recall, result.restrict(drifted).recall)
+    print(f"prequential recall@50 frozen {recalls[False]}, streaming {recalls[True]} "
+          "(all users, drifted users)")
+    assert recalls[True][0] > recalls[False][0]
+    assert recalls[True][1] > 1.5 * recalls[False][1]
+
+
+class _Frozen:
+    """The same scorer with learning switched off: the nightly-only arm."""
+
+    def __init__(self, scorer: TwoTowerScorer) -> None:
+        self.scorer = scorer
+
+    def score(self, user_ids: list[str]) -> np.ndarray:
+        return self.scorer.score(user_ids)
+
+    def learn(self, events: Events) -> None:
+        """Deliberately ignores events."""
