@@ -62,3 +62,41 @@ def test_nightly_without_champion_fails_cleanly(capsys: pytest.CaptureFixture[st
     code = main(["train", "--nightly", "--day", "2024-01-05", "--dataset", "synthetic"])
     assert code == EXIT_FAILED
     assert "alias 'champion' is not set" in capsys.readouterr().err
+
+
+def test_bootstrap_then_nightly_through_the_cli(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from common.registry import Registry
+
+    monkeypatch.setenv("RECSTREAM_HOME", str(tmp_path))
+    assert main(["train", "--bootstrap", "--dataset", "synthetic", "--to", "2024-01-10",
+                 "--epochs", "1"]) == 0
+    boot = json.loads(capsys.readouterr().out)
+    assert boot["promoted"] is True and boot["cutoff_day"] == "2024-01-09"
+    assert main(["train", "--nightly", "--dataset", "synthetic", "--day", "2024-01-10",
+                 "--promote"]) == 0
+    night = json.loads(capsys.readouterr().out)
+    registry = Registry(tmp_path / "models")
+    assert registry.aliases() == {"champion": night["version"], "previous": boot["version"]}
+    assert registry.meta(night["version"])["parent"] == boot["version"]
+
+
+def test_eval_writes_every_figure_as_json(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--dataset", "synthetic", "--test-days", "2", "--models",
+                 "popularity,item_knn", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["models"]) == {"popularity", "item_knn"}
+    assert 0.0 <= report["models"]["item_knn"]["recall@50"] <= 1.0
+    assert "popularity" in capsys.readouterr().out
+
+
+def test_eval_rejects_an_unknown_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--dataset", "synthetic", "--models", "magic"]) == EXIT_FAILED
+    assert "unknown model 'magic'" in capsys.readouterr().err
