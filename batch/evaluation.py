@@ -22,12 +22,23 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Settings overrides per trained model name; the README table is made from these.
+DEFAULT_MODELS = ("popularity", "recent_popularity", "item_knn", "dssm_pointwise", "two_tower",
+                  "two_tower_senet")
+# Settings overrides per trained model name; the README table is made from these. The
+# ablations each undo or add one thing on top of the defaults; ``two_tower_v0`` is the
+# first configuration (batch 1024, 8 plain epochs, logQ 1).
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "dssm_pointwise": {"train": {"loss": "pointwise"}},
     "two_tower": {},
     "two_tower_senet": {"model": {"senet": True}},
     "two_tower_no_logq": {"train": {"logq_strength": 0.0}},
+    "two_tower_logq1": {"train": {"logq_strength": 1.0}},
+    "two_tower_no_recency": {"train": {"recency_half_life_days": 0.0}},
+    "two_tower_batch1024": {"train": {"batch_size": 1024}},
+    "two_tower_random_negatives": {"train": {"random_negatives": 128}},
+    "two_tower_hot_downsampling": {"train": {"hot_item_threshold": 1e-3}},
+    "two_tower_v0": {"train": {"batch_size": 1024, "bootstrap_epochs": 8, "logq_strength": 1.0,
+                               "recency_half_life_days": 0.0}},
 }
 BASELINES: dict[str, Callable[[Events, np.ndarray, Settings], Scorer]] = {
     "popularity": lambda tr, cat, s: PopularityScorer(tr, cat, s.train.rating_threshold),
@@ -35,8 +46,6 @@ BASELINES: dict[str, Callable[[Events, np.ndarray, Settings], Scorer]] = {
         tr, cat, s.train.rating_threshold, window_days=30),
     "item_knn": lambda tr, cat, s: ItemKNNScorer(tr, cat, s.train.rating_threshold),
 }
-DEFAULT_MODELS = ("popularity", "recent_popularity", "item_knn", "dssm_pointwise", "two_tower",
-                  "two_tower_senet")
 
 
 def default_train_before(events: Events, test_days: int) -> str:
@@ -91,9 +100,11 @@ def run_offline_eval(settings: Settings, dataset: Dataset, train_before: str | N
 def format_table(report: dict[str, Any]) -> str:
     """A fixed-width table of the headline metrics, one row per model."""
     cols = ["recall@10", "recall@50", "ndcg@10", "hitrate@50", "auc"]
+    width = max([22, *(len(name) + 2 for name in report["models"])])
     lines = [f"{report['dataset']}: train before {report['train_before']}, test "
              f"{report['test_days']} days, users={report['users']}",
-             f"{'model':<22}" + "".join(f"{c:>11}" for c in cols)]
+             f"{'model':<{width}}" + "".join(f"{c:>11}" for c in cols)]
     for name, m in report["models"].items():
-        lines.append(f"{name:<22}" + "".join(f"{m.get(c, float('nan')):>11.4f}" for c in cols))
+        lines.append(f"{name:<{width}}"
+                     + "".join(f"{m.get(c, float('nan')):>11.4f}" for c in cols))
     return "\n".join(lines)

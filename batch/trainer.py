@@ -56,6 +56,21 @@ def recency_keep_mask(ts_ms: np.ndarray, half_life_days: float,
     return rng.random(len(ts_ms)) < np.power(0.5, age_days / half_life_days)
 
 
+def recency_passes(ts_ms: np.ndarray, half_life_days: float, epochs: int) -> int:
+    """Passes that train on as many examples as ``epochs`` full epochs would, when
+    recency sampling keeps only a share of the examples in each pass (each pass draws
+    afresh, so old examples still turn up now and then).
+
+    >>> recency_passes(np.array([0, 20 * DAY_MS]), half_life_days=20, epochs=3)  # share 0.75
+    4
+    """
+    if half_life_days <= 0 or len(ts_ms) == 0:
+        return epochs
+    age_days = (ts_ms.max() - ts_ms) / DAY_MS
+    share = float(np.power(0.5, age_days / half_life_days).mean())
+    return max(epochs, round(epochs / share))
+
+
 def run_epochs(trainer: Trainer, examples: Examples, epochs: int, ts: TrainSettings,
                desc: str) -> TrainStats:
     """Shuffled mini-batch epochs with a progress bar; returns throughput and loss."""
@@ -93,8 +108,10 @@ def bootstrap(settings: Settings, dataset: Dataset, history: Events,
     bundle.observe(positives)
     features = Features.build(bundle, dataset.users, dataset.items)
     trainer = Trainer(bundle, features, ts, mode="full")
-    stats = run_epochs(trainer, encode_examples(bundle, features, positives),
-                       epochs or ts.bootstrap_epochs, ts, "bootstrap")
+    passes = recency_passes(positives.ts_ms, ts.recency_half_life_days,
+                            epochs or ts.bootstrap_epochs)
+    stats = run_epochs(trainer, encode_examples(bundle, features, positives), passes, ts,
+                       "bootstrap")
     return bundle, stats
 
 

@@ -63,16 +63,17 @@ class FrequencyEstimator:
     def update(self, keys: np.ndarray) -> None:
         """Record one training batch's items (hashed ids); advances the global step."""
         self.step += 1
-        slots = self._slots(np.unique(keys))
-        for k in range(slots.shape[0]):
-            s = np.unique(slots[k])
-            gap = (self.step - self.last_step[k, s]).astype(np.float32)
-            # A first sighting has no previous one: take the whole gap as the estimate
-            # rather than averaging it with zero, which would make newcomers look hot.
-            first = self.last_step[k, s] == 0
-            self.delta[k, s] = np.where(
-                first, gap, (1 - self.alpha) * self.delta[k, s] + self.alpha * gap)
-            self.last_step[k, s] = self.step
+        slots = self._slots(keys)
+        hashes = np.arange(slots.shape[0])[:, None]
+        # No de-duplication needed: every copy of a repeated (hash, slot) reads the same old
+        # state, so the copies compute and write the same new value.
+        last = self.last_step[hashes, slots]
+        gap = (self.step - last).astype(np.float32)
+        # A first sighting has no previous one: take the whole gap as the estimate
+        # rather than averaging it with zero, which would make newcomers look hot.
+        self.delta[hashes, slots] = np.where(
+            last == 0, gap, (1 - self.alpha) * self.delta[hashes, slots] + self.alpha * gap)
+        self.last_step[hashes, slots] = self.step
 
     def probability(self, keys: np.ndarray) -> np.ndarray:
         """Estimated probability that each item appears in a batch, in (0, 1]."""

@@ -81,20 +81,26 @@ class TrainSettings(_Group):
     """Optimisation knobs for the bootstrap, nightly and stream updates."""
 
     loss: Literal["inbatch", "pointwise"] = "inbatch"
-    batch_size: int = Field(1024, ge=2)
-    bootstrap_epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=2, description="small batches: more steps per epoch; the "
+                            "in-batch softmax on ML-100K barely trains at 1024")
+    bootstrap_epochs: int = Field(
+        5, ge=1, description="bootstrap epochs counted in examples: with recency sampling each "
+        "pass keeps a share of the history, so epochs / share passes are made")
     lr_dense: float = Field(3e-3, gt=0)
     lr_embedding: float = Field(0.05, gt=0)
     nightly_lr_dense: float = Field(
         3e-4, gt=0, description="dense Adam lr of the one-epoch nightly: a day's data is "
         "small, and a fresh optimiser at the bootstrap lr drags the towers off")
     weight_decay: float = Field(0.0, ge=0)
-    logq_strength: float = Field(1.0, ge=0)
+    logq_strength: float = Field(
+        2.5, ge=0, description="multiplier on log q; above 1 the model keeps a popularity prior "
+        "in the cosine (it learns log p(i|u) + (strength - 1) log q(i))")
     random_negatives: int = Field(0, ge=0)
     pointwise_negatives: int = Field(4, ge=1)
     hot_item_threshold: float = Field(0.0, ge=0, description="0 disables down-sampling")
     recency_half_life_days: float = Field(
-        0.0, ge=0, description="bootstrap: keep an example of age a with prob 0.5^(a/h); 0=off")
+        20.0, ge=0, description="keep an example a days older than the newest with prob "
+        "0.5^(a/h) in each pass; 0=off")
     rating_threshold: float = 4.0
     max_grad_norm: float = Field(10.0, gt=0)
     max_loss: float = Field(1e4, gt=0, description="a loss above this counts as divergence")
