@@ -95,7 +95,8 @@ class EncodedFeatures:
         return np.fromiter((get(i, 0) for i in ids), dtype=np.int64, count=len(ids))
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self.cat[rows], [m[rows] for m in self.multi]
+        # index_select rather than advanced indexing: same result, far cheaper kernel.
+        return self.cat.index_select(0, rows), [m.index_select(0, rows) for m in self.multi]
 
 
 @dataclass

@@ -12,20 +12,12 @@ import numpy as np
 import torch
 
 from common.bundle import Examples, Features, ModelBundle
-from common.features import EncodedFeatures
 from common.freq import stable_hash
 from common.losses import inbatch_softmax_loss, pointwise_bce_loss
 from common.settings import TrainSettings
 
 Mode = Literal["full", "embedding"]
 _SAMPLER_REFRESH_STEPS = 100
-
-
-def _gather_features(enc: EncodedFeatures, rows: torch.Tensor
-                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``enc.gather`` through index_select: the same tensors, without advanced indexing's
-    cost on tables with a row per user or item."""
-    return enc.cat.index_select(0, rows), [m.index_select(0, rows) for m in enc.multi]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -114,8 +106,8 @@ class Trainer:
             item_feat = torch.cat([item_feat, feat_map[neg_rows]])
         u_emb, u_grad = model.user.ids.gather(torch.from_numpy(ex.user_rows), trainable=True)
         i_emb, i_grad = model.item.ids.gather(item_rows, trainable=True)
-        u_cat, u_multi = _gather_features(self.features.users, torch.from_numpy(ex.user_feat))
-        i_cat, i_multi = _gather_features(self.features.items, item_feat)
+        u_cat, u_multi = self.features.users.gather(torch.from_numpy(ex.user_feat))
+        i_cat, i_multi = self.features.items.gather(item_feat)
         u = model.user(u_emb, u_cat, u_multi)
         v = model.item(i_emb, i_cat, i_multi)
         self.bundle.freq.update(ex.item_keys)
