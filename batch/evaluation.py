@@ -54,14 +54,20 @@ def default_train_before(events: Events, test_days: int) -> str:
     return format_day(last_day_start - (test_days - 1) * DAY_MS)
 
 
+def check_model_names(models: Sequence[str]) -> None:
+    """Raise a ``ValueError`` naming the first model that is neither a baseline nor a variant."""
+    for name in models:
+        if name not in BASELINES and name not in VARIANTS:
+            raise ValueError(f"unknown model {name!r}; known: "
+                             f"{', '.join([*BASELINES, *VARIANTS])}")
+
+
 def build_scorer(name: str, settings: Settings, dataset: Dataset, train: Events,
                  catalog: np.ndarray) -> Scorer:
     """A fitted scorer for a model name (baselines fit instantly, variants train)."""
+    check_model_names([name])
     if name in BASELINES:
         return BASELINES[name](train, catalog, settings)
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; known: "
-                         f"{', '.join([*BASELINES, *VARIANTS])}")
     variant = settings.with_overrides(**VARIANTS[name])
     bundle, _ = bootstrap(variant, dataset, train)
     features = Features.build(bundle, dataset.users, dataset.items)
@@ -71,10 +77,7 @@ def build_scorer(name: str, settings: Settings, dataset: Dataset, train: Events,
 def run_offline_eval(settings: Settings, dataset: Dataset, train_before: str | None,
                      test_days: int, users: str, models: Sequence[str]) -> dict[str, Any]:
     """Train/fit every model on the split and evaluate it; returns the report."""
-    for name in models:
-        if name not in BASELINES and name not in VARIANTS:
-            raise ValueError(f"unknown model {name!r}; known: "
-                             f"{', '.join([*BASELINES, *VARIANTS])}")
+    check_model_names(models)
     train_before = train_before or default_train_before(dataset.events, test_days)
     train, test = temporal_split(dataset.events, parse_day(train_before), test_days)
     if len(train) == 0 or len(test) == 0:

@@ -46,14 +46,13 @@ def hot_item_keep_mask(item_rows: np.ndarray, threshold: float,
     return rng.random(len(item_rows)) < keep_p
 
 
-def recency_keep_mask(ts_ms: np.ndarray, half_life_days: float,
-                      rng: np.random.Generator) -> np.ndarray:
+def recency_keep_prob(ts_ms: np.ndarray, half_life_days: float) -> np.ndarray:
     """Time-decayed sampling: an example ``a`` days older than the newest is kept with
     probability 0.5^(a / half_life), so the model tracks recent tastes (0 keeps all)."""
     if half_life_days <= 0 or len(ts_ms) == 0:
-        return np.ones(len(ts_ms), dtype=bool)
+        return np.ones(len(ts_ms))
     age_days = (ts_ms.max() - ts_ms) / DAY_MS
-    return rng.random(len(ts_ms)) < np.power(0.5, age_days / half_life_days)
+    return np.power(0.5, age_days / half_life_days)
 
 
 def recency_passes(ts_ms: np.ndarray, half_life_days: float, epochs: int) -> int:
@@ -64,10 +63,9 @@ def recency_passes(ts_ms: np.ndarray, half_life_days: float, epochs: int) -> int
     >>> recency_passes(np.array([0, 20 * DAY_MS]), half_life_days=20, epochs=3)  # share 0.75
     4
     """
-    if half_life_days <= 0 or len(ts_ms) == 0:
+    if len(ts_ms) == 0:
         return epochs
-    age_days = (ts_ms.max() - ts_ms) / DAY_MS
-    share = float(np.power(0.5, age_days / half_life_days).mean())
+    share = float(recency_keep_prob(ts_ms, half_life_days).mean())
     return max(epochs, round(epochs / share))
 
 
@@ -76,11 +74,12 @@ def run_epochs(trainer: Trainer, examples: Examples, epochs: int, ts: TrainSetti
     """Shuffled mini-batch epochs with a progress bar; returns throughput and loss."""
     rng = np.random.default_rng(ts.seed)
     start, seen, losses = time.perf_counter(), 0, []
+    recency = recency_keep_prob(examples.ts_ms, ts.recency_half_life_days)
     for epoch in range(epochs):
-        keep = np.flatnonzero(
-            hot_item_keep_mask(examples.item_rows, ts.hot_item_threshold, rng)
-            & recency_keep_mask(examples.ts_ms, ts.recency_half_life_days, rng))
-        order = rng.permutation(keep)
+        keep = hot_item_keep_mask(examples.item_rows, ts.hot_item_threshold, rng)
+        if ts.recency_half_life_days > 0:
+            keep &= rng.random(len(recency)) < recency
+        order = rng.permutation(np.flatnonzero(keep))
         batches = range(0, len(order), ts.batch_size)
         for lo in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch",
                        disable=None, leave=False):

@@ -15,7 +15,7 @@ from common.features import EncodedFeatures, FeatureEncoder, FeatureTable
 from common.freq import FrequencyEstimator, stable_hash_many
 from common.model import TwoTower, TwoTowerConfig
 from common.settings import ModelSettings
-from common.vocab import IdVocab
+from common.vocab import IdVocab, map_distinct
 
 
 @dataclass
@@ -95,16 +95,10 @@ def encode_examples(bundle: ModelBundle, features: Features, positives: Events) 
     """Rows and feature rows for each positive event (vocabularies must have observed them)."""
     return Examples(
         user_rows=bundle.user_vocab.lookup_many(positives.user_id),
-        user_feat=_feature_rows(features.users, positives.user_id),
+        user_feat=map_distinct(positives.user_id, features.users.rows),
         item_rows=bundle.item_vocab.lookup_many(positives.item_id),
-        item_feat=_feature_rows(features.items, positives.item_id),
+        item_feat=map_distinct(positives.item_id, features.items.rows),
         item_keys=stable_hash_many(positives.item_id),
         ts_ms=positives.ts_ms.copy(),
     )
 
-
-def _feature_rows(enc: EncodedFeatures, ids: np.ndarray) -> np.ndarray:
-    if len(ids) == 0:
-        return np.zeros(0, dtype=np.int64)
-    uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
-    return enc.rows(uniq.tolist())[inverse]

@@ -22,6 +22,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from common.vocab import map_distinct
+
 _MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
                          0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53,
                          0x94D049BB133111EB, 0xBF58476D1CE4E5B9], dtype=np.uint64)
@@ -36,10 +38,7 @@ def stable_hash(ids: Iterable[str]) -> np.ndarray:
 
 def stable_hash_many(ids: np.ndarray) -> np.ndarray:
     """``stable_hash`` resolving each distinct id once."""
-    if len(ids) == 0:
-        return np.zeros(0, dtype=np.uint64)
-    uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
-    return stable_hash(uniq.tolist())[inverse]
+    return map_distinct(ids, stable_hash, dtype=np.uint64)
 
 
 class FrequencyEstimator:

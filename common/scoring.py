@@ -5,13 +5,14 @@ Serving ranks by the plain cosine; the logQ correction is a training device only
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from common.bundle import Features, ModelBundle, encode_examples
 from common.events import Events
+from common.model import Tower
 from common.training import Trainer
 
 _CHUNK = 65_536
@@ -33,11 +34,12 @@ def item_vectors(bundle: ModelBundle, features: Features, item_ids: Sequence[str
     return _encode(bundle.model.item, rows, feat, features.items.gather)
 
 
-def _encode(tower: torch.nn.Module, rows: torch.Tensor, feat: torch.Tensor,
-            gather: object) -> torch.Tensor:
+def _encode(tower: Tower, rows: torch.Tensor, feat: torch.Tensor,
+            gather: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
+            ) -> torch.Tensor:
     parts = []
     for lo in range(0, len(rows), _CHUNK):
-        cat, multi = gather(feat[lo: lo + _CHUNK])  # type: ignore[operator]
+        cat, multi = gather(feat[lo: lo + _CHUNK])
         parts.append(tower.encode(rows[lo: lo + _CHUNK], cat, multi))
     if not parts:
         return torch.zeros(0, tower.mlp[-1].out_features)

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from common.bundle import Examples, Features, ModelBundle
-from common.freq import stable_hash
 from common.losses import inbatch_softmax_loss, pointwise_bce_loss
 from common.settings import TrainSettings
 
@@ -68,7 +67,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(ts.seed)
         self._sampler: NegativeSampler | None = None
         self._sampler_age = 0
-        self._item_maps: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._item_feat: tuple[int, torch.Tensor] | None = None
 
     def _negatives(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` sampled item rows and the log of their sampling probability."""
@@ -80,16 +79,13 @@ class Trainer:
         rows = self._sampler.sample(n)
         return rows, torch.log(self._sampler.prob[rows].float().clamp_min(1e-12))
 
-    def _row_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Item row → feature row and → frequency key, rebuilt when the vocabulary grows."""
+    def _item_feature_rows(self) -> torch.Tensor:
+        """Item row → feature row, rebuilt when the vocabulary grows."""
         vocab = self.bundle.item_vocab
-        if self._item_maps is None or self._item_maps[0] != len(vocab):
-            ids = vocab.ids
-            feat = np.concatenate([[0], self.features.items.rows(ids)]).astype(np.int64)
-            keys = np.concatenate([[0], stable_hash(ids)]).astype(np.uint64)
-            self._item_maps = (len(vocab), torch.from_numpy(feat),
-                               torch.from_numpy(keys.view(np.int64)))
-        return self._item_maps[1], self._item_maps[2]
+        if self._item_feat is None or self._item_feat[0] != len(vocab):
+            feat = np.concatenate([[0], self.features.items.rows(vocab.ids)]).astype(np.int64)
+            self._item_feat = (len(vocab), torch.from_numpy(feat))
+        return self._item_feat[1]
 
     def step(self, ex: Examples) -> StepResult:
         """One update on a batch of positives; raises ``TrainingDivergedError`` on a bad loss."""
@@ -101,9 +97,8 @@ class Trainer:
         neg_rows = neg_logp = None
         if n_neg:
             neg_rows, neg_logp = self._negatives(n_neg)
-            feat_map, _ = self._row_maps()
             item_rows = torch.cat([item_rows, neg_rows])
-            item_feat = torch.cat([item_feat, feat_map[neg_rows]])
+            item_feat = torch.cat([item_feat, self._item_feature_rows()[neg_rows]])
         u_emb, u_grad = model.user.ids.gather(torch.from_numpy(ex.user_rows), trainable=True)
         i_emb, i_grad = model.item.ids.gather(item_rows, trainable=True)
         u_cat, u_multi = self.features.users.gather(torch.from_numpy(ex.user_feat))

@@ -15,12 +15,25 @@ never seen) map to it until they earn a row of their own.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 COLD_ROW = 0
+
+
+def map_distinct(ids: np.ndarray, resolve: Callable[[list[str]], np.ndarray],
+                 dtype: type = np.int64) -> np.ndarray:
+    """``resolve`` applied once per distinct id and spread back over ``ids``.
+
+    >>> map_distinct(np.array(["b", "a", "b"], dtype=object), lambda u: np.arange(len(u)))
+    array([1, 0, 1])
+    """
+    if len(ids) == 0:
+        return np.zeros(0, dtype=dtype)
+    uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
+    return resolve(uniq.tolist())[inverse]
 
 
 class VocabError(ValueError):
@@ -71,10 +84,7 @@ class IdVocab:
 
     def lookup_many(self, ids: np.ndarray) -> np.ndarray:
         """Like ``lookup`` but resolves each distinct id once (fast for long arrays)."""
-        if len(ids) == 0:
-            return np.zeros(0, dtype=np.int64)
-        uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
-        return self.lookup(uniq.tolist())[inverse]
+        return map_distinct(ids, self.lookup)
 
     def save(self, path: Path) -> None:
         """Write as a numpy archive (no pickle); callers rename it into place."""

@@ -24,6 +24,15 @@ def make_events(pairs: list[tuple[str, str]], start_ms: int = 0, step_ms: int = 
         event_type=[event_type] * n, ts_ms=start_ms + step_ms * np.arange(n))
 
 
+def events_from_rows(rows: list[tuple]) -> Events:
+    """Rows of (user, item, ts_ms) clicks or (user, item, ts_ms, rating) ratings."""
+    return Events.from_records(
+        {"event_id": f"e{n}", "user_id": r[0], "item_id": r[1], "ts_ms": r[2],
+         "event_type": "rating" if len(r) > 3 else "click",
+         "value": r[3] if len(r) > 3 else None}
+        for n, r in enumerate(rows))
+
+
 def make_dataset(n_users: int = 40, n_items: int = 30, n_events: int = 600,
                  seed: int = 0) -> Dataset:
     """Users in two groups clicking items of their group's category."""

@@ -1,32 +1,18 @@
 """Baseline scorers on data small enough that the right answer is obvious."""
 
-import doctest
-
 import numpy as np
+from factories import events_from_rows as _events
 
-from common import baselines
 from common.baselines import ItemKNNScorer, PopularityScorer, RecentPopularityScorer
-from common.events import DAY_MS, Events
+from common.events import DAY_MS
 from common.metrics import top_k
 
 CATALOG = np.array(["a", "b", "c", "d", "e"], dtype=object)
 
 
-def _events(rows: list[tuple]) -> Events:
-    """Rows of (user, item, ts_ms) clicks or (user, item, ts_ms, rating) ratings."""
-    return Events.from_records(
-        {"event_id": f"e{n}", "user_id": r[0], "item_id": r[1], "ts_ms": r[2],
-         "event_type": "rating" if len(r) > 3 else "click",
-         "value": r[3] if len(r) > 3 else None}
-        for n, r in enumerate(rows))
-
-
 def _ranking(scores: np.ndarray) -> list[str]:
     return CATALOG[top_k(scores, len(CATALOG))[0]].tolist()
 
-
-def test_docstring_examples_hold() -> None:
-    assert doctest.testmod(baselines).failed == 0
 
 
 def test_popularity_counts_positive_events_only() -> None:

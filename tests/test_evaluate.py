@@ -1,26 +1,16 @@
 """Temporal split, offline evaluation of a scorer, and prequential test-then-train replay."""
 
-import doctest
 from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from factories import events_from_rows as _events
 
-from common import evaluate
 from common.baselines import PopularityScorer
 from common.evaluate import evaluate_scorer, prequential, temporal_split
 from common.events import DAY_MS, Events
 
 CATALOG = np.array(["a", "b", "c", "d", "e"], dtype=object)
-
-
-def _events(rows: list[tuple]) -> Events:
-    """Rows of (user, item, ts_ms) clicks or (user, item, ts_ms, rating) ratings."""
-    return Events.from_records(
-        {"event_id": f"e{n}", "user_id": r[0], "item_id": r[1], "ts_ms": r[2],
-         "event_type": "rating" if len(r) > 3 else "click",
-         "value": r[3] if len(r) > 3 else None}
-        for n, r in enumerate(rows))
 
 
 class FixedScorer:
@@ -78,9 +68,6 @@ class LastItemModel:
         for i, ts in zip(events.item_id, events.ts_ms, strict=True):
             self.recency[self.col[i]] = 1 + ts
 
-
-def test_docstring_examples_hold() -> None:
-    assert doctest.testmod(evaluate).failed == 0
 
 
 def test_temporal_split_boundaries() -> None:
