@@ -50,6 +50,13 @@ class KafkaSettings(_Group):
     sasl_username: str = ""
     sasl_password: SecretStr = SecretStr("")
     max_message_bytes: int = Field(64 * 1024, gt=0)
+    # Quick group joins (see ARCHITECTURE, broker facts): first records in ~3 s, not ~23 s.
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    max_poll_interval_ms: int = Field(30000, ge=1000)
+    max_poll_records: int = Field(5000, ge=1)
+    partitions: int = Field(4, ge=1, description="partitions of the topic when recstream "
+                            "creates it (an existing topic is left as it is)")
 
 
 class RedisSettings(_Group):
@@ -108,6 +115,26 @@ class TrainSettings(_Group):
     threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
 
 
+class StreamSettings(_Group):
+    """The stream daemons: the trainer consumer and the lander."""
+
+    trainer_group: str = "trainer"
+    lander_group: str = "lander"
+    update_interval_s: float = Field(300.0, gt=0, description="gather a micro-batch this long")
+    max_batch_events: int = Field(50_000, ge=1, description="or until this many events")
+    checkpoint_every_steps: int = Field(10, ge=1)
+    checkpoints_kept: int = Field(2, ge=1)
+    poll_timeout_ms: int = Field(100, ge=1)
+    rebase_check_s: float = Field(5.0, gt=0, description="how often to look for a new version")
+    time_index_days: float = Field(
+        7.0, gt=0, description="how far back the time->offset index reaches (rebase window)")
+    lander_flush_s: float = Field(30.0, gt=0, description="write a Parquet file this often")
+    lander_max_rows: int = Field(200_000, ge=1, description="or at this many buffered rows")
+    metrics_host: str = "127.0.0.1"
+    trainer_metrics_port: int = Field(9410, ge=0, le=65535, description="0 = no endpoint")
+    lander_metrics_port: int = Field(9411, ge=0, le=65535, description="0 = no endpoint")
+
+
 class EvalSettings(_Group):
     """Offline evaluation and the registry gate."""
 
@@ -129,11 +156,25 @@ class Settings(BaseModel):
     redis: RedisSettings = RedisSettings()
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
+    stream: StreamSettings = StreamSettings()
     eval: EvalSettings = EvalSettings()
 
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def events_dir(self) -> Path:
+        return self.home / "events"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.home / "checkpoints"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid and address files of the embedded servers."""
+        return self.home / "run"
 
     def with_overrides(self, **groups: dict[str, Any]) -> Settings:
         """A copy with some group fields replaced (validated), e.g. ``train={"seed": 1}``."""

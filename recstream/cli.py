@@ -96,7 +96,39 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", type=Path, default=None, help="write every figure here")
 
     sub.add_parser("demo", help="fetch ML-100K, bootstrap a model, print the evaluation table")
+
+    rp = sub.add_parser("replay", help="produce a data set's events into the topic in time "
+                        "order")
+    _add_dataset_args(rp)
+    rp.add_argument("--from", dest="start", type=_day, help="first day (incl.)")
+    rp.add_argument("--to", dest="end", type=_day, help="last day (excl.)")
+    rp.add_argument("--speed", type=_speed, default=0.0,
+                    help="X times real time; 0 or 'max' = as fast as possible (default)")
+    rp.add_argument("--topic", default=None, help="default: RECSTREAM_KAFKA_TOPIC")
+
+    st = sub.add_parser("stream", help="the trainer consumer: embedding-only updates from "
+                        "the topic, published as deltas")
+    _add_dataset_args(st)
+    st.add_argument("--max-steps", type=_positive_int, default=None,
+                    help="stop after this many steps (default: run until SIGTERM/SIGINT)")
+
+    sub.add_parser("land", help="the lander: archive events to daily Parquet partitions")
+
+    br = sub.add_parser("broker", help="the embedded broker of this RECSTREAM_HOME")
+    br.add_argument("action", choices=["start", "stop", "status"])
     return parser
+
+
+def _speed(text: str) -> float:
+    if text == "max":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'max', got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a speed >= 0, got {text}")
+    return value
 
 
 def _dataset(settings: Settings, args: argparse.Namespace) -> Any:
@@ -150,7 +182,48 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
     run_demo(settings)
 
 
-_COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo}
+def _cmd_replay(settings: Settings, args: argparse.Namespace) -> None:
+    from common.events import parse_day
+    from stream.replayer import replay
+
+    start = parse_day(args.start) if args.start else None
+    end = parse_day(args.end) if args.end else None
+    if start is not None and end is not None and end <= start:
+        raise UsageError("--to must be after --from")
+    stats = replay(settings, _dataset(settings, args), start, end, args.speed, args.topic)
+    print(json.dumps(asdict(stats), indent=2))
+
+
+def _cmd_stream(settings: Settings, args: argparse.Namespace) -> None:
+    from stream.daemon import run_trainer_daemon
+
+    run_trainer_daemon(settings, _dataset(settings, args), max_steps=args.max_steps)
+
+
+def _cmd_land(settings: Settings, args: argparse.Namespace) -> None:
+    from stream.lander import run_lander_daemon
+
+    run_lander_daemon(settings)
+
+
+def _cmd_broker(settings: Settings, args: argparse.Namespace) -> None:
+    from common.broker import ensure_broker, recorded_broker, stop_recorded_broker
+
+    if settings.kafka.bootstrap:
+        raise UsageError("RECSTREAM_KAFKA_BOOTSTRAP is set: the embedded broker is not used")
+    if args.action == "start":
+        print(ensure_broker(settings.run_dir).bootstrap)
+    elif args.action == "stop":
+        print("stopped" if stop_recorded_broker(settings.run_dir) else "not running")
+    else:
+        broker = recorded_broker(settings.run_dir)
+        print(f"running pid={broker.pid} bootstrap={broker.bootstrap}" if broker
+              else "not running")
+
+
+_COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo,
+             "replay": _cmd_replay, "stream": _cmd_stream, "land": _cmd_land,
+             "broker": _cmd_broker}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,160 @@
+"""The event contract on the wire: one JSON object per Kafka record, key = user_id.
+
+Fields: ``event_id``, ``user_id``, ``item_id`` (non-empty strings), ``event_type``
+(one of ``EVENT_TYPES``), ``value`` (a finite number or null; required for ratings),
+``ts_ms`` (integer milliseconds since the epoch, UTC) and an optional ``context``
+object of short string/number/bool values. Anything else is rejected with a reason;
+the stream sends rejects to the dead-letter topic with that reason in a header.
+
+>>> raw = encode_event({"event_id": "e1", "user_id": "u1", "item_id": "i1",
+...                     "event_type": "click", "ts_ms": 1_700_000_000_000})
+>>> decode_event(raw).item_id
+'i1'
+>>> try:
+...     decode_event(b'{"event_id": "e1"}')
+... except InvalidEventError as exc:
+...     print(exc.reason)
+missing field: user_id
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from common.events import CLICK, RATING, Events
+
+IMPRESSION = "impression"
+# Impressions are valid and landed, but never a negative and never trained on.
+EVENT_TYPES = frozenset({CLICK, RATING, IMPRESSION})
+MAX_ID_CHARS = 256
+MAX_CONTEXT_KEYS = 32
+MAX_CONTEXT_VALUE_CHARS = 256
+# 1990-01-01 .. 2100-01-01: outside is a unit bug (seconds, microseconds), not an event.
+MIN_TS_MS, MAX_TS_MS = 631_152_000_000, 4_102_444_800_000
+_KNOWN = frozenset({"event_id", "user_id", "item_id", "event_type", "value", "ts_ms",
+                    "context"})
+DEFAULT_MAX_BYTES = 64 * 1024
+
+
+class InvalidEventError(ValueError):
+    """A record that breaks the contract; ``reason`` is short and machine-groupable."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class WireEvent:
+    """One decoded, validated event."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    event_type: str
+    value: float | None
+    ts_ms: int
+    context: Mapping[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"event_id": self.event_id, "user_id": self.user_id,
+                             "item_id": self.item_id, "event_type": self.event_type,
+                             "value": self.value, "ts_ms": self.ts_ms}
+        if self.context:
+            d["context"] = dict(self.context)
+        return d
+
+
+def encode_event(event: Mapping[str, Any]) -> bytes:
+    """Serialise an event (validated, so producers cannot emit what consumers reject)."""
+    raw = json.dumps(dict(event), separators=(",", ":"), allow_nan=False).encode()
+    decode_event(raw, max_bytes=None)
+    return raw
+
+
+def _id(d: Mapping[str, Any], name: str) -> str:
+    if name not in d:
+        raise InvalidEventError(f"missing field: {name}")
+    v = d[name]
+    if not isinstance(v, str):
+        raise InvalidEventError(f"{name} must be a string, got {type(v).__name__}")
+    if not v or len(v) > MAX_ID_CHARS:
+        raise InvalidEventError(f"{name} must have 1..{MAX_ID_CHARS} characters, got {len(v)}")
+    return v
+
+
+def _context(v: Any) -> Mapping[str, Any] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise InvalidEventError(f"context must be an object, got {type(v).__name__}")
+    if len(v) > MAX_CONTEXT_KEYS:
+        raise InvalidEventError(f"context has {len(v)} keys, at most {MAX_CONTEXT_KEYS}")
+    for k, x in v.items():
+        if isinstance(x, str):
+            if len(x) > MAX_CONTEXT_VALUE_CHARS:
+                raise InvalidEventError(f"context.{k[:40]} is longer than "
+                                        f"{MAX_CONTEXT_VALUE_CHARS} characters")
+        elif x is not None and not isinstance(x, bool | int | float):
+            raise InvalidEventError(f"context.{k[:40]} must be a string, number, bool or null")
+    return v
+
+
+def decode_event(raw: bytes | None, max_bytes: int | None = DEFAULT_MAX_BYTES) -> WireEvent:
+    """Parse and validate one record value; raises ``InvalidEventError`` with the reason."""
+    if raw is None:
+        raise InvalidEventError("empty record (null value)")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise InvalidEventError(f"record of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        d = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidEventError(f"not JSON: {str(exc)[:80]}") from None
+    if not isinstance(d, dict):
+        raise InvalidEventError(f"event must be a JSON object, got {type(d).__name__}")
+    unknown = d.keys() - _KNOWN
+    if unknown:
+        raise InvalidEventError(f"unknown field: {sorted(unknown)[0][:40]}")
+    event_id, user_id, item_id = _id(d, "event_id"), _id(d, "user_id"), _id(d, "item_id")
+    event_type = d.get("event_type")
+    if event_type not in EVENT_TYPES:
+        shown = event_type[:40] if isinstance(event_type, str) else type(event_type).__name__
+        raise InvalidEventError(f"unknown event_type: {shown}")
+    ts = d.get("ts_ms")
+    if isinstance(ts, bool) or not isinstance(ts, int):
+        raise InvalidEventError(f"ts_ms must be an integer, got {type(ts).__name__}")
+    if not MIN_TS_MS <= ts < MAX_TS_MS:
+        raise InvalidEventError(f"ts_ms {ts} is outside 1990..2100 (milliseconds expected)")
+    value = d.get("value")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            raise InvalidEventError("value must be a finite number or null")
+        value = float(value)
+    elif event_type == RATING:
+        raise InvalidEventError("a rating needs a value")
+    return WireEvent(event_id, user_id, item_id, event_type, value, ts,
+                     _context(d.get("context")))
+
+
+def to_events(batch: Iterable[WireEvent]) -> Events:
+    """Decoded events as a columnar ``Events`` batch (context is dropped)."""
+    rows = list(batch)
+    if not rows:
+        return Events.empty()
+    obj = np.empty(len(rows), dtype=object)
+
+    def col(name: str) -> np.ndarray:
+        out = obj.copy()
+        out[:] = [getattr(r, name) for r in rows]
+        return out
+
+    return Events(col("event_id"), col("user_id"), col("item_id"), col("event_type"),
+                  np.array([np.nan if r.value is None else r.value for r in rows], np.float32),
+                  np.array([r.ts_ms for r in rows], np.int64))
