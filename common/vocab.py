@@ -82,6 +82,10 @@ class IdVocab:
         get = self._rows.get
         return np.fromiter((get(i, COLD_ROW) for i in ids), dtype=np.int64, count=len(ids))
 
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        """Raw ids of rows that have their own (not the cold row)."""
+        return [self._ids[r - 1] for r in rows.tolist()]
+
     def lookup_many(self, ids: np.ndarray) -> np.ndarray:
         """Like ``lookup`` but resolves each distinct id once (fast for long arrays)."""
         return map_distinct(ids, self.lookup)

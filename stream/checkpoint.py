@@ -1,0 +1,131 @@
+"""Crash-safe trainer checkpoints: the learned ID rows and the offsets they include.
+
+A checkpoint is a directory ``ckpt-{step}`` staged under a hidden name and renamed
+into place complete, with ``state.json`` (offsets, base version, time index, SHA-256
+of every file) written last. Dense weights are not saved: they are the base version's,
+frozen, and reloaded from the registry. Loading takes the newest checkpoint whose files
+match their checksums, so a torn or tampered one falls back to the one before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.atomic import fsync_dir, write_bytes_atomic, write_text_atomic
+from common.bundle import ModelBundle
+from common.freq import FrequencyEstimator
+from common.vocab import IdVocab, VocabError
+from stream.time_index import TimeIndex
+
+log = logging.getLogger(__name__)
+_FILES = ("tables.pt", "user_vocab.npz", "item_vocab.npz", "freq.npz")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read."""
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint includes besides the tensors."""
+
+    base_version: str
+    step: int
+    offsets: dict[int, int]  # partition -> next offset to read; every event before is in
+    time_index: TimeIndex = field(default_factory=TimeIndex)
+    events_applied: int = 0
+    created_at: float = 0.0
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_checkpoint(root: Path, bundle: ModelBundle, meta: CheckpointMeta, keep: int) -> Path:
+    """Write a checkpoint atomically; older ones beyond ``keep`` are removed."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    final = root / f"ckpt-{meta.step:012d}"
+    try:
+        staging.mkdir()
+        ids = {"user": bundle.model.user.ids, "item": bundle.model.item.ids}
+        buf = io.BytesIO()
+        torch.save({f"{k}.{n}": getattr(t, n) for k, t in ids.items()
+                    for n in ("weight", "accum")}, buf)
+        write_bytes_atomic(staging / "tables.pt", buf.getvalue())
+        bundle.user_vocab.save(staging / "user_vocab.npz")
+        bundle.item_vocab.save(staging / "item_vocab.npz")
+        buf = io.BytesIO()
+        np.savez(buf, item_counts=bundle.item_counts, **bundle.freq.state_dict())
+        write_bytes_atomic(staging / "freq.npz", buf.getvalue())
+        state = {"base_version": meta.base_version, "step": meta.step,
+                 "offsets": {str(p): o for p, o in meta.offsets.items()},
+                 "time_index": meta.time_index.to_dict(),
+                 "events_applied": meta.events_applied, "created_at": time.time(),
+                 "files": {f: _sha256(staging / f) for f in _FILES}}
+        write_text_atomic(staging / "state.json", json.dumps(state))
+        if final.exists():  # the same step checkpointed twice (shutdown right after one)
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        fsync_dir(root)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint in {root}: {exc}") from exc
+    for old in sorted(root.glob("ckpt-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(root: Path) -> tuple[CheckpointMeta, dict[str, Any]] | None:
+    """The newest intact checkpoint as (meta, payload), or None if there is none."""
+    for d in sorted(root.glob("ckpt-*"), reverse=True):
+        try:
+            return _read(d)
+        except (OSError, ValueError, KeyError, RuntimeError, VocabError) as exc:
+            log.warning("skipping unreadable checkpoint", extra={"path": str(d),
+                                                                 "error": str(exc)})
+    return None
+
+
+def _read(d: Path) -> tuple[CheckpointMeta, dict[str, Any]]:
+    state = json.loads((d / "state.json").read_text())
+    for name, digest in state["files"].items():
+        if _sha256(d / name) != digest:
+            raise CheckpointError(f"{d / name} does not match its checksum")
+    with np.load(d / "freq.npz", allow_pickle=False) as z:
+        freq_state = {k: z[k] for k in z.files}
+    payload = {
+        "tables": torch.load(d / "tables.pt", weights_only=True),
+        "user_vocab": IdVocab.load(d / "user_vocab.npz"),
+        "item_vocab": IdVocab.load(d / "item_vocab.npz"),
+        "freq": FrequencyEstimator.from_state(freq_state),
+        "item_counts": freq_state["item_counts"].astype(np.float64),
+    }
+    meta = CheckpointMeta(state["base_version"], int(state["step"]),
+                          {int(p): int(o) for p, o in state["offsets"].items()},
+                          TimeIndex.from_dict(state["time_index"]),
+                          int(state["events_applied"]), float(state["created_at"]))
+    return meta, payload
+
+
+def restore_into(bundle: ModelBundle, payload: dict[str, Any]) -> None:
+    """Overwrite a freshly loaded base bundle's ID rows, vocabularies and frequency state."""
+    tables = payload["tables"]
+    for side, tower in (("user", bundle.model.user), ("item", bundle.model.item)):
+        tower.ids.weight = tables[f"{side}.weight"].clone()
+        tower.ids.accum = tables[f"{side}.accum"].clone()
+    bundle.user_vocab, bundle.item_vocab = payload["user_vocab"], payload["item_vocab"]
+    bundle.freq, bundle.item_counts = payload["freq"], payload["item_counts"]

@@ -1,0 +1,334 @@
+"""The trainer consumer: micro-batches from Kafka → embedding-only step → publish → commit.
+
+Invariants, enforced in ``_step``:
+
+- offsets are committed only after the publisher made the step's delta durable (and
+  after the dead letters the step covers were acknowledged);
+- a checkpoint holds only state whose deltas were published, with the offsets that
+  state includes; a restart restores it and seeks there, so a crash loses no update
+  and re-applies only what the lost state had applied (at-least-once publishing,
+  harmless because publishing overwrites).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from common.dataset import Dataset
+from common.kafka_clients import make_consumer, make_producer
+from common.registry import Registry, RegistryError
+from common.settings import Settings
+from common.shutdown import StopFlag
+from common.training import TrainingDivergedError
+from common.wire import to_events
+from publisher.base import Delta, Publisher, PublishError
+from stream.checkpoint import CheckpointMeta, load_checkpoint, restore_into, save_checkpoint
+from stream.intake import Entry, Intake
+from stream.learner import LearnOutput, StreamLearner
+from stream.metrics import TrainerMetrics
+from stream.rebase import newer_version, replay_since
+from stream.time_index import TimeIndex
+
+log = logging.getLogger(__name__)
+_FRESHNESS_SAMPLES = 200  # per step into the histogram (observing every event costs ~5%)
+
+
+class StepAbandonedError(RuntimeError):
+    """Shutdown was requested while a delta could not be published; nothing committed."""
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, owner: TrainerConsumer) -> None:
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.owner.on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.owner.on_assigned(assigned)
+
+
+class TrainerConsumer:
+    """Consumer group ``trainer`` on the interactions topic."""
+
+    def __init__(self, settings: Settings, dataset: Dataset, publisher: Publisher,
+                 bootstrap: str, metrics: TrainerMetrics | None = None,
+                 stop: StopFlag | None = None) -> None:
+        self.s, self.dataset, self.publisher, self.bootstrap = settings, dataset, publisher, \
+            bootstrap
+        self.metrics = metrics or TrainerMetrics()
+        self.stop = stop or StopFlag()
+        self.registry = Registry(settings.models_dir)
+        self.ckpt_dir = settings.checkpoints_dir / "trainer"
+        self.topic = settings.kafka.topic
+        self.buffer: deque[Entry] = deque()
+        self.buffered_events = 0
+        self.batch_started: float | None = None
+        self.freshness: deque[float] = deque(maxlen=1_000_000)
+        self.step_no = self.events_applied = 0
+        self.offsets: dict[int, int] = {}
+        self.time_index = TimeIndex()
+        self.learner = self._restore()
+        self.last_checkpoint_step = self.step_no
+        self._next_rebase_check = 0.0
+        self._next_lag_update = 0.0
+        self._skip_versions: set[str] = set()
+        self.consumer = make_consumer(settings.kafka, bootstrap, settings.stream.trainer_group)
+        self.intake = Intake(make_producer(settings.kafka, bootstrap),
+                             settings.kafka.dlq_topic, settings.kafka.max_message_bytes,
+                             self.metrics)
+
+    # -- start-up ---------------------------------------------------------------------
+
+    def _restore(self) -> StreamLearner:
+        found = load_checkpoint(self.ckpt_dir)
+        if found is None:
+            bundle, meta = self.registry.load("champion")
+            log.info("starting from the champion", extra={"version": meta["version"]})
+            return self._learner(bundle, meta["version"])
+        ckpt, payload = found
+        bundle, _ = self.registry.load(ckpt.base_version)
+        restore_into(bundle, payload)
+        self.step_no, self.events_applied = ckpt.step, ckpt.events_applied
+        self.offsets, self.time_index = dict(ckpt.offsets), ckpt.time_index
+        self.metrics.last_checkpoint.set(ckpt.created_at)
+        log.info("restored checkpoint", extra={"step": ckpt.step, "version": ckpt.base_version,
+                                               "offsets": ckpt.offsets})
+        return self._learner(bundle, ckpt.base_version)
+
+    def _learner(self, bundle: Any, version: str) -> StreamLearner:
+        self.metrics.version.info({"version": version})
+        return StreamLearner(bundle, self.dataset, self.s.train, version)
+
+    def on_assigned(self, assigned: Any) -> None:
+        """Seek to the checkpoint's offsets: the restored state includes exactly those."""
+        for tp in assigned:
+            if tp.partition in self.offsets:
+                self.consumer.seek(tp, self.offsets[tp.partition])
+            else:  # first sight of the partition: state includes nothing after here
+                self.offsets[tp.partition] = self.consumer.position(tp)
+        log.info("partitions assigned", extra={"partitions": sorted(t.partition
+                                                                    for t in assigned)})
+
+    def on_revoked(self, revoked: Any) -> None:
+        """Publish, commit and checkpoint what is buffered before losing the partitions."""
+        if self.buffer:
+            self._step(self._take(len(self.buffer)))
+        self.checkpoint()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self, max_steps: int | None = None) -> None:
+        """Poll, step, publish, commit until stopped (or ``max_steps``); then checkpoint."""
+        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        abandoned = False
+        try:
+            while not self.stop.is_set():
+                self.poll_once()
+                if max_steps is not None and self.step_no >= max_steps:
+                    break
+            if self.buffer:
+                self._step(self._take(len(self.buffer)))
+        except StepAbandonedError:
+            abandoned = True
+            log.warning("stopped with an unpublished step: nothing committed or checkpointed; "
+                        "a restart replays it")
+        finally:
+            if not abandoned:
+                self.checkpoint()
+            self.close()
+
+    def poll_once(self) -> None:
+        """One poll and whatever steps, rebases and gauges are due."""
+        batch = self.consumer.poll(timeout_ms=self.s.stream.poll_timeout_ms)
+        for records in batch.values():
+            entries = self.intake.decode(records)
+            self.buffer.extend(entries)
+            self.buffered_events += sum(e.event is not None for e in entries)
+            if self.batch_started is None:
+                self.batch_started = time.monotonic()
+        while self._due():
+            self._step(self._take(self.s.stream.max_batch_events))
+        now = time.monotonic()
+        if now >= self._next_rebase_check:
+            self._next_rebase_check = now + self.s.stream.rebase_check_s
+            self._maybe_rebase()
+        if now >= self._next_lag_update:
+            self._next_lag_update = now + 1.0
+            self._update_lag()
+
+    def _due(self) -> bool:
+        if not self.buffer:
+            return False
+        if self.buffered_events >= self.s.stream.max_batch_events:
+            return True
+        assert self.batch_started is not None
+        return time.monotonic() - self.batch_started >= self.s.stream.update_interval_s
+
+    def _take(self, max_events: int) -> list[Entry]:
+        """The oldest entries holding up to ``max_events`` valid events (a prefix per
+        partition, so the step's offsets cover exactly what it took)."""
+        out: list[Entry] = []
+        n = 0
+        while self.buffer and (n < max_events or self.buffer[0].event is None):
+            entry = self.buffer.popleft()
+            n += entry.event is not None
+            out.append(entry)
+        self.buffered_events -= n
+        self.batch_started = time.monotonic() if self.buffer else None
+        return out
+
+    # -- one step ---------------------------------------------------------------------
+
+    def _step(self, entries: list[Entry]) -> None:
+        start = time.perf_counter()
+        events = to_events(e.event for e in entries if e.event is not None)
+        out = self._learn(events)
+        offsets = dict(self.offsets)
+        for e in entries:
+            offsets[e.partition] = max(offsets.get(e.partition, 0), e.offset + 1)
+        self.intake.flush()
+        max_ts = int(events.ts_ms.max()) if len(events) else 0
+        self.publish(Delta(self.learner.version, out.user_ids, out.user_vectors, out.item_ids,
+                            out.item_vectors, offsets, max_ts, self.step_no + 1))
+        # Only now, with the delta durable, may the offsets move on.
+        self._commit(offsets)
+        self._record(entries, offsets, out, time.perf_counter() - start)
+        if self.step_no - self.last_checkpoint_step >= self.s.stream.checkpoint_every_steps:
+            self.checkpoint()
+
+    def _learn(self, events: Any) -> LearnOutput:
+        try:
+            return self.learner.step(events)
+        except TrainingDivergedError as exc:
+            # Nothing was applied; the events stay in the landed data for the nightly.
+            self.metrics.diverged.inc()
+            log.error("step diverged, skipped", extra={"error": str(exc)})
+            return self.learner.step(events.take(np.zeros(0, np.int64)))
+
+    def publish(self, delta: Delta) -> None:
+        """Publish, retrying with backoff; the consumer stays in its group meanwhile."""
+        delay = 0.5
+        while True:
+            try:
+                self.publisher.publish_delta(delta)
+            except PublishError as exc:
+                self.metrics.publish_failures.inc()
+                log.warning("publish failed, retrying", extra={"error": str(exc),
+                                                               "retry_in_s": delay})
+                self.keepalive()
+                if self.stop.wait(delay):
+                    raise StepAbandonedError(str(exc)) from exc
+                delay = min(delay * 2, 30.0)
+                continue
+            self.metrics.last_publish.set(time.time())
+            return
+
+    def keepalive(self) -> None:
+        """Poll with every partition paused: stays in the group, fetches nothing."""
+        assigned = self.consumer.assignment()
+        self.consumer.pause(*assigned)
+        try:
+            self.consumer.poll(timeout_ms=0)
+        finally:
+            self.consumer.resume(*assigned)
+
+    def _commit(self, offsets: dict[int, int]) -> None:
+        assigned = {tp.partition for tp in self.consumer.assignment()}
+        to_commit = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+                     for p, o in offsets.items() if p in assigned}
+        try:
+            self.consumer.commit(to_commit)
+        except (CommitFailedError, KafkaError) as exc:
+            # The checkpoint, not the group's offsets, decides where a restart resumes.
+            log.warning("offset commit failed", extra={"error": str(exc)})
+
+    def _record(self, entries: list[Entry], offsets: dict[int, int], out: LearnOutput,
+                seconds: float) -> None:
+        now_ms = time.time() * 1000
+        fresh = [(now_ms - e.record_ts_ms) / 1000 for e in entries if e.event is not None]
+        self.freshness.extend(fresh)
+        for x in fresh[:: max(1, len(fresh) // _FRESHNESS_SAMPLES)]:
+            self.metrics.freshness.observe(x)
+        first: dict[int, int] = {}
+        max_ts: dict[int, int] = {}
+        for e in entries:
+            if e.event is not None:
+                first.setdefault(e.partition, e.offset)
+                max_ts[e.partition] = max(max_ts.get(e.partition, 0), e.event.ts_ms)
+        for p, off in first.items():
+            self.time_index.add(p, off, max_ts[p])
+        self.offsets = offsets
+        self.step_no += 1
+        self.events_applied += len(fresh)
+        m = self.metrics
+        m.steps.inc()
+        m.applied.inc(len(fresh))
+        m.step_seconds.observe(seconds)
+        m.examples_per_s.set(out.n_examples / max(seconds, 1e-9))
+        m.touched.labels("user").observe(len(out.user_ids))
+        m.touched.labels("item").observe(len(out.item_ids))
+        if np.isfinite(out.loss):
+            m.loss.set(out.loss)
+
+    # -- checkpoints, rebase, gauges, shutdown ------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Save the learned state with the offsets it includes (atomic)."""
+        if self.time_index.blocks:
+            newest = max(b[-1][1] for b in self.time_index.blocks.values() if b)
+            self.time_index.prune(newest - int(self.s.stream.time_index_days * 86_400_000))
+        meta = CheckpointMeta(self.learner.version, self.step_no, dict(self.offsets),
+                              self.time_index, self.events_applied)
+        save_checkpoint(self.ckpt_dir, self.learner.bundle, meta,
+                        self.s.stream.checkpoints_kept)
+        self.last_checkpoint_step = self.step_no
+        self.metrics.last_checkpoint.set(time.time())
+
+    def _maybe_rebase(self) -> None:
+        try:
+            version = newer_version(self.registry, self.learner.version, self._skip_versions)
+        except RegistryError as exc:
+            log.error("cannot read the registry", extra={"error": str(exc)})
+            return
+        if version is not None:
+            self.rebase(version)
+
+    def rebase(self, version: str) -> None:
+        """Load ``version``, replay every consumed event after its cutoff onto it, switch.
+
+        The buffer is stepped into the old version first, so the replay covers exactly
+        the offsets the old state included; then the new learner takes over.
+        """
+        if self.buffer:
+            self._step(self._take(len(self.buffer)))
+        bundle, meta = self.registry.load(version)
+        learner = StreamLearner(bundle, self.dataset, self.s.train, version)
+        replayed = replay_since(self, learner, int(meta["cutoff_ms"]))
+        self.learner = learner
+        self.metrics.version.info({"version": version})
+        self.checkpoint()
+        self.publisher.rebased(version, dict(self.offsets))
+        self.metrics.rebases.inc()
+        log.info("rebased", extra={"version": version, "replayed_events": replayed})
+
+    def _update_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(high - self.consumer.position(tp))
+
+    def close(self) -> None:
+        try:
+            self.intake.flush(timeout_s=5)
+            self.intake.dlq.close(timeout=5)
+        finally:
+            self.consumer.close(autocommit=False)

@@ -1,0 +1,70 @@
+"""From Kafka records to validated events; rejects go to the dead-letter topic.
+
+A dead letter keeps the original bytes and key, with headers naming the reason and
+where it came from, so it can be inspected and replayed. Dead letters are flushed
+before the offsets that cover them are committed (``flush``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaProducer
+
+from common.wire import InvalidEventError, WireEvent, decode_event
+from stream.metrics import TrainerMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One consumed record: its event (None if dead-lettered) and where it was read."""
+
+    event: WireEvent | None
+    partition: int
+    offset: int
+    record_ts_ms: int
+
+
+def reason_kind(reason: str) -> str:
+    """A low-cardinality label for a reject reason (metrics must not explode)."""
+    return reason.split(":")[0].split(" ")[0][:40] if reason else "unknown"
+
+
+class Intake:
+    """Decodes records and dead-letters the bad ones."""
+
+    def __init__(self, dlq: KafkaProducer, dlq_topic: str, max_bytes: int,
+                 metrics: TrainerMetrics) -> None:
+        self.dlq, self.dlq_topic, self.max_bytes, self.metrics = dlq, dlq_topic, max_bytes, \
+            metrics
+        self.dead_letters = 0
+
+    def decode(self, records: list[Any]) -> list[Entry]:
+        """Entries in record order; invalid records are sent to the DLQ with a reason."""
+        out = []
+        for rec in records:
+            try:
+                event: WireEvent | None = decode_event(rec.value, self.max_bytes)
+            except InvalidEventError as exc:
+                self._dead_letter(rec, exc.reason)
+                event = None
+            out.append(Entry(event, rec.partition, rec.offset, rec.timestamp))
+        self.metrics.consumed.inc(len(records))
+        return out
+
+    def _dead_letter(self, rec: Any, reason: str) -> None:
+        headers = [("reason", reason.encode()), ("source.topic", rec.topic.encode()),
+                   ("source.partition", str(rec.partition).encode()),
+                   ("source.offset", str(rec.offset).encode())]
+        value = rec.value
+        if value is not None and len(value) > self.max_bytes:
+            value = value[: self.max_bytes]  # keep the head: the DLQ must accept the record
+            headers.append(("truncated", b"true"))
+        self.dlq.send(self.dlq_topic, key=rec.key, value=value, headers=headers)
+        self.metrics.rejected.labels(reason_kind(reason)).inc()
+        self.dead_letters += 1
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every dead letter sent so far is acknowledged."""
+        self.dlq.flush(timeout=timeout_s)

@@ -1,0 +1,85 @@
+"""Embedding-only learning on a micro-batch of events: the stream's one verb, ``step``.
+
+Dense layers and side-feature embeddings stay frozen; only the ID rows of the users
+and items in the batch change (new ids enter the vocabulary under its frequency
+rule). Same loss and frequency estimator as the nightly (``common.training``).
+No Kafka or files here: the consumer feeds events in and publishes what comes out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.bundle import Features, ModelBundle, encode_examples
+from common.dataset import Dataset
+from common.events import Events
+from common.scoring import item_vectors
+from common.settings import TrainSettings
+from common.training import Trainer
+from common.vocab import COLD_ROW
+
+_NO_ROWS = np.zeros(0, np.int64)
+
+
+@dataclass(frozen=True)
+class LearnOutput:
+    """What one step changed: the touched ids and their new vectors."""
+
+    n_events: int
+    n_examples: int
+    loss: float
+    user_ids: list[str]
+    user_vectors: np.ndarray  # raw ID embeddings, float32
+    item_ids: list[str]
+    item_vectors: np.ndarray  # item tower outputs, float32
+
+
+class StreamLearner:
+    """A model version being nudged by the stream."""
+
+    def __init__(self, bundle: ModelBundle, dataset: Dataset, ts: TrainSettings,
+                 version: str) -> None:
+        self.bundle, self.ts, self.version = bundle, ts, version
+        self.features = Features.build(bundle, dataset.users, dataset.items)
+        self.trainer = Trainer(bundle, self.features, ts, mode="embedding")
+        bundle.model.eval()
+
+    def step(self, events: Events) -> LearnOutput:
+        """Embedding-only updates on the events' positives, in event-time order."""
+        positives = events.sorted_by_time().positives(self.ts.rating_threshold)
+        if len(positives) < 2:  # an in-batch softmax over one candidate teaches nothing
+            return self._output(len(events), 0, float("nan"), _NO_ROWS, _NO_ROWS)
+        self.bundle.observe(positives)
+        examples = encode_examples(self.bundle, self.features, positives)
+        users, items, losses = [], [], []
+        for idx in _chunks(len(examples), self.ts.batch_size):
+            result = self.trainer.step(examples.take(idx))
+            users.append(result.user_rows)
+            items.append(result.item_rows)
+            losses.append(result.loss)
+        return self._output(len(events), len(examples), float(np.mean(losses)),
+                            np.unique(np.concatenate(users)), np.unique(np.concatenate(items)))
+
+    def _output(self, n_events: int, n_examples: int, loss: float, user_rows: np.ndarray,
+                item_rows: np.ndarray) -> LearnOutput:
+        # The shared cold row is not anyone's embedding: it is not published per id.
+        user_rows, item_rows = user_rows[user_rows != COLD_ROW], item_rows[item_rows != COLD_ROW]
+        user_ids = self.bundle.user_vocab.ids_of(user_rows)
+        item_ids = self.bundle.item_vocab.ids_of(item_rows)
+        weight = self.bundle.model.user.ids.weight
+        user_vecs = weight.index_select(0, torch.from_numpy(user_rows)).numpy().astype(np.float32)
+        item_vecs = item_vectors(self.bundle, self.features, item_ids).numpy()
+        return LearnOutput(n_events, n_examples, loss, user_ids, user_vecs, item_ids,
+                           item_vecs.astype(np.float32))
+
+
+def _chunks(n: int, size: int) -> list[np.ndarray]:
+    """Consecutive index ranges of ``size``; a last chunk of one joins the one before."""
+    bounds = list(range(0, n, size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:
+        bounds.pop(-2)
+    return [np.arange(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+

@@ -1,0 +1,116 @@
+"""Rebase: carry what the stream learned after a new version's cutoff onto that version.
+
+The nightly trains V on the landed data through cutoff T. The stream has meanwhile
+applied the events after T to the old version; ``replay_since`` reads them again from
+Kafka (offsets from the consumer's own time index, never ListOffsets) up to the
+offsets the old state includes, applies them to V in order and publishes the deltas
+into V's namespace. Only then does the stream switch, and tell the publisher that V
+may be flipped to champion.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from kafka import TopicPartition
+
+from common.kafka_clients import make_consumer
+from common.registry import CorruptVersionError, Registry
+from common.wire import InvalidEventError, WireEvent, decode_event, to_events
+from publisher.base import Delta
+from stream.learner import StreamLearner
+
+if TYPE_CHECKING:
+    from stream.consumer import TrainerConsumer
+
+log = logging.getLogger(__name__)
+_IDLE_GIVE_UP_S = 30.0
+REBASE_KINDS = ("nightly",)
+
+
+def newer_version(registry: Registry, current: str, skip: set[str] | None = None) -> str | None:
+    """The newest intact nightly version registered after ``current``, if any."""
+    skip = skip if skip is not None else set()
+    for version in reversed([v for v in registry.versions() if v > current]):
+        if version in skip:
+            continue
+        try:
+            if registry.meta(version).get("kind") in REBASE_KINDS:
+                return version
+        except CorruptVersionError as exc:
+            log.error("ignoring a corrupt version", extra={"version": version,
+                                                           "error": str(exc)})
+        skip.add(version)
+    return None
+
+
+def _ranges(owner: TrainerConsumer, cutoff_ms: int) -> dict[TopicPartition, tuple[int, int]]:
+    ranges = {}
+    for p, end in owner.offsets.items():
+        start = owner.time_index.offset_for(p, cutoff_ms)
+        if start is None or start >= end:
+            continue
+        if not owner.time_index.covers(p, cutoff_ms):
+            log.warning("time index does not reach back to the cutoff; replaying what it has",
+                        extra={"partition": p, "cutoff_ms": cutoff_ms})
+        ranges[TopicPartition(owner.topic, p)] = (start, end)
+    return ranges
+
+
+def replay_since(owner: TrainerConsumer, learner: StreamLearner, cutoff_ms: int) -> int:
+    """Apply the consumed events with ``ts >= cutoff_ms`` to ``learner``; returns how many."""
+    ranges = _ranges(owner, cutoff_ms)
+    if not ranges:
+        return 0
+    reader = make_consumer(owner.s.kafka, owner.bootstrap, group_id=None)
+    try:
+        reader.assign(list(ranges))
+        for tp, (start, _) in ranges.items():
+            reader.seek(tp, start)
+        return _drain(owner, learner, reader, ranges, cutoff_ms)
+    finally:
+        reader.close()
+
+
+def _drain(owner: TrainerConsumer, learner: StreamLearner, reader: object,
+           ranges: dict[TopicPartition, tuple[int, int]], cutoff_ms: int) -> int:
+    pending: list[WireEvent] = []
+    done: set[TopicPartition] = set()
+    replayed, last_data, last_alive = 0, time.monotonic(), time.monotonic()
+    max_bytes, batch = owner.s.kafka.max_message_bytes, owner.s.stream.max_batch_events
+    while len(done) < len(ranges):
+        for tp, records in reader.poll(timeout_ms=200).items():  # type: ignore[attr-defined]
+            last_data = time.monotonic()
+            end = ranges[tp][1]
+            for r in records:
+                if r.offset >= end:
+                    break
+                try:
+                    event = decode_event(r.value, max_bytes)
+                except InvalidEventError:
+                    continue  # dead-lettered when first consumed
+                if event.ts_ms >= cutoff_ms:
+                    pending.append(event)
+            if reader.position(tp) >= end:  # type: ignore[attr-defined]
+                done.add(tp)
+        if len(pending) >= batch or (pending and len(done) == len(ranges)):
+            replayed += _apply(owner, learner, pending)
+            pending = []
+        if time.monotonic() - last_alive > 1.0:
+            owner.keepalive()
+            last_alive = time.monotonic()
+        if time.monotonic() - last_data > _IDLE_GIVE_UP_S:
+            log.error("rebase replay stalled (broker lost data?); continuing with what it read",
+                      extra={"replayed": replayed})
+            break
+    return replayed + (_apply(owner, learner, pending) if pending else 0)
+
+
+def _apply(owner: TrainerConsumer, learner: StreamLearner, events: list[WireEvent]) -> int:
+    out = learner.step(to_events(events))
+    owner.publish(Delta(learner.version, out.user_ids, out.user_vectors, out.item_ids,
+                        out.item_vectors, dict(owner.offsets),
+                        max(e.ts_ms for e in events), owner.step_no))
+    return len(events)
