@@ -11,7 +11,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from common.broker import ensure_broker
 from common.settings import KafkaSettings, Settings
@@ -66,7 +66,7 @@ def ensure_topics(ks: KafkaSettings, bootstrap: str, names: list[str],
         try:
             admin = KafkaAdminClient(**_common(ks, bootstrap))
             break
-        except (NoBrokersAvailable, KafkaError):
+        except KafkaError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)

@@ -81,6 +81,7 @@ class TrainerConsumer:
         self._next_rebase_check = 0.0
         self._next_lag_update = 0.0
         self._skip_versions: set[str] = set()
+        self._in_step = False
         self.consumer = make_consumer(settings.kafka, bootstrap, settings.stream.trainer_group)
         self.intake = Intake(make_producer(settings.kafka, bootstrap),
                              settings.kafka.dlq_topic, settings.kafka.max_message_bytes,
@@ -108,21 +109,25 @@ class TrainerConsumer:
         self.metrics.version.info({"version": version})
         return StreamLearner(bundle, self.dataset, self.s.train, version)
 
+    # Both hooks run on kafka-python's IO thread, where blocking consumer calls (commit,
+    # position) are not allowed: they only seek, drop and checkpoint.
+
     def on_assigned(self, assigned: Any) -> None:
-        """Seek to the checkpoint's offsets: the restored state includes exactly those."""
+        """Seek to the checkpoint's offsets: the restored state includes exactly those.
+        A partition the state has never seen starts at the group's committed offset."""
         for tp in assigned:
             if tp.partition in self.offsets:
                 self.consumer.seek(tp, self.offsets[tp.partition])
-            else:  # first sight of the partition: state includes nothing after here
-                self.offsets[tp.partition] = self.consumer.position(tp)
         log.info("partitions assigned", extra={"partitions": sorted(t.partition
                                                                     for t in assigned)})
 
     def on_revoked(self, revoked: Any) -> None:
-        """Publish, commit and checkpoint what is buffered before losing the partitions."""
-        if self.buffer:
-            self._step(self._take(len(self.buffer)))
-        self.checkpoint()
+        """Drop what is buffered (it is re-read from the state's offsets) and checkpoint."""
+        self.buffer.clear()
+        self.buffered_events = 0
+        self.batch_started = None
+        if not self._in_step:  # mid-step the learner holds an unpublished update
+            self.checkpoint()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -189,6 +194,13 @@ class TrainerConsumer:
     # -- one step ---------------------------------------------------------------------
 
     def _step(self, entries: list[Entry]) -> None:
+        self._in_step = True
+        try:
+            self._step_inner(entries)
+        finally:
+            self._in_step = False
+
+    def _step_inner(self, entries: list[Entry]) -> None:
         start = time.perf_counter()
         events = to_events(e.event for e in entries if e.event is not None)
         out = self._learn(events)
@@ -281,8 +293,10 @@ class TrainerConsumer:
 
     # -- checkpoints, rebase, gauges, shutdown ------------------------------------------
 
-    def checkpoint(self) -> None:
-        """Save the learned state with the offsets it includes (atomic)."""
+    def checkpoint(self, force: bool = False) -> None:
+        """Save the learned state with the offsets it includes (atomic), if it moved on."""
+        if not force and self.step_no == self.last_checkpoint_step:
+            return
         if self.time_index.blocks:
             newest = max(b[-1][1] for b in self.time_index.blocks.values() if b)
             self.time_index.prune(newest - int(self.s.stream.time_index_days * 86_400_000))
@@ -315,7 +329,7 @@ class TrainerConsumer:
         replayed = replay_since(self, learner, int(meta["cutoff_ms"]))
         self.learner = learner
         self.metrics.version.info({"version": version})
-        self.checkpoint()
+        self.checkpoint(force=True)
         self.publisher.rebased(version, dict(self.offsets))
         self.metrics.rebases.inc()
         log.info("rebased", extra={"version": version, "replayed_events": replayed})

@@ -1,0 +1,227 @@
+"""The trainer consumer against a real broker: what a step may change, dead letters,
+the commit-after-publish rule, restarts from checkpoints and the rebase."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kafka import KafkaConsumer, TopicPartition
+from streaming import bootstrap_champion, produce, stream_settings, wait_for
+
+from batch.jobs import nightly_job
+from common.events import Events
+from common.registry import Registry
+from common.settings import Settings
+from common.shutdown import StopFlag
+from common.synthetic import SyntheticConfig, SyntheticData, generate
+from publisher.base import Delta, PublishError
+from publisher.files import FilePublisher
+from stream.checkpoint import load_checkpoint
+from stream.consumer import TrainerConsumer
+
+WORLD = SyntheticConfig(n_users=300, n_items=150, n_clusters=5, n_days=4, events_per_day=1500,
+                        seed=3)
+
+
+@pytest.fixture(scope="module")
+def world() -> SyntheticData:
+    return generate(WORLD)
+
+
+def _day(world: SyntheticData, d: int) -> Events:
+    starts = world.day_start_ms
+    return world.dataset.events.between(int(starts[d]), int(starts[d]) + 86_400_000)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, kafka_bootstrap: str, topic: str, world: SyntheticData
+             ) -> Settings:
+    s = stream_settings(tmp_path, kafka_bootstrap, topic,
+                        RECSTREAM_STREAM_UPDATE_INTERVAL_S="0.5",
+                        RECSTREAM_STREAM_MAX_BATCH_EVENTS="400",
+                        RECSTREAM_STREAM_REBASE_CHECK_S="0.2")
+    bootstrap_champion(s, world.dataset, int(world.day_start_ms[2]))
+    return s
+
+
+class Running:
+    """A trainer consumer on a thread, stopped (gracefully) on exit."""
+
+    def __init__(self, settings: Settings, world: SyntheticData, publisher: object) -> None:
+        self.stop = StopFlag()
+        self.trainer = TrainerConsumer(settings, world.dataset, publisher,  # type: ignore[arg-type]
+                                       settings.kafka.bootstrap, stop=self.stop)
+        self.thread = threading.Thread(target=self.trainer.run, daemon=True)
+
+    def __enter__(self) -> TrainerConsumer:
+        self.thread.start()
+        return self.trainer
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set("test over")
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the trainer did not shut down"
+
+
+def _applied(trainer: TrainerConsumer, n: int) -> bool:
+    return trainer.events_applied >= n
+
+
+def _committed(settings: Settings, partitions: int) -> dict[int, int | None]:
+    probe = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap,
+                          group_id=settings.stream.trainer_group, enable_auto_commit=False)
+    try:
+        return {p: probe.committed(TopicPartition(settings.kafka.topic, p))
+                for p in range(partitions)}
+    finally:
+        probe.close()
+
+
+def test_a_step_changes_only_touched_id_rows(settings: Settings, world: SyntheticData) -> None:
+    events = _day(world, 2).take(np.arange(300))
+    publisher = FilePublisher(settings.home / "published")
+    before = {k: v.clone() for k, v in Registry(settings.models_dir).load("champion")[0]
+              .model.state_dict().items()}
+    produce(settings.kafka.bootstrap, settings.kafka.topic, events)
+    with Running(settings, world, publisher) as trainer:
+        wait_for(lambda: _applied(trainer, len(events)), 60, "the events to be applied")
+    after = trainer.learner.bundle.model.state_dict()
+    for name, tensor in before.items():
+        if ".ids." not in name:
+            assert torch.equal(tensor, after[name]), f"dense {name} changed"
+    bundle = trainer.learner.bundle
+    for side, ids in (("user", events.user_id), ("item", events.item_id)):
+        vocab = getattr(bundle, f"{side}_vocab")
+        touched = set(vocab.lookup_many(ids).tolist()) | {0}
+        old, new = before[f"{side}.ids.weight"], after[f"{side}.ids.weight"]
+        changed = set(torch.nonzero((old != new[: len(old)]).any(dim=1)).flatten().tolist())
+        assert changed, f"no {side} row was updated"
+        assert changed <= touched, f"{side} rows outside the batch changed"
+    published = publisher.read(trainer.learner.version)
+    assert set(published.users) == set(events.user_id) & set(bundle.user_vocab.ids)
+    row = bundle.user_vocab.lookup([events.user_id[0]])
+    np.testing.assert_array_equal(published.users[events.user_id[0]],
+                                  after["user.ids.weight"][row[0]].numpy())
+
+
+POISON = {
+    b"{not json": "not JSON",
+    b'{"event_id": "p1", "user_id": 7, "item_id": "i1", "event_type": "click", '
+    b'"ts_ms": 1700000000000}': "user_id must be a string",
+    b'{"event_id": "p2", "user_id": "u1", "item_id": "i1", "event_type": "purchase!", '
+    b'"ts_ms": 1700000000000}': "unknown event_type",
+    b'{"event_id": "p3", "item_id": "i1", "event_type": "click", "ts_ms": 1700000000000}':
+        "missing field: user_id",
+    b'{"event_id": "p4", "user_id": "u1", "item_id": "i1", "event_type": "click", '
+    b'"ts_ms": "yesterday"}': "ts_ms must be an integer",
+    b'{"event_id": "p5", "user_id": "u1", "item_id": "' + b"x" * 70_000 + b'", '
+    b'"event_type": "click", "ts_ms": 1700000000000}': "exceeds the 65536-byte limit",
+}
+
+
+def test_poison_events_are_dead_lettered_with_reasons(settings: Settings,
+                                                      world: SyntheticData) -> None:
+    good = _day(world, 2).take(np.arange(200))
+    produce(settings.kafka.bootstrap, settings.kafka.topic, good, raw=list(POISON))
+    produce(settings.kafka.bootstrap, settings.kafka.topic, _day(world, 2).take(
+        np.arange(200, 400)))
+    with Running(settings, world, FilePublisher(settings.home / "published")) as trainer:
+        wait_for(lambda: _applied(trainer, 400), 60, "the good events to be applied")
+    assert trainer.events_applied == 400
+    assert trainer.intake.dead_letters == len(POISON)
+    dlq = KafkaConsumer(settings.kafka.dlq_topic, bootstrap_servers=settings.kafka.bootstrap,
+                        auto_offset_reset="earliest", consumer_timeout_ms=10_000)
+    letters = [dict(r.headers) for r in dlq]
+    dlq.close()
+    reasons = sorted(h["reason"].decode() for h in letters)
+    assert len(reasons) == len(POISON)
+    for expected in POISON.values():
+        assert any(expected in r for r in reasons), f"no dead letter says {expected!r}"
+    assert all(h["source.topic"].decode() == settings.kafka.topic for h in letters)
+
+
+class FailingPublisher(FilePublisher):
+    """Fails every publish until told to recover, counting the attempts."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.healthy = threading.Event()
+        self.attempts = 0
+
+    def publish_delta(self, delta: Delta) -> None:
+        self.attempts += 1
+        if not self.healthy.is_set():
+            raise PublishError("injected: store unavailable")
+        super().publish_delta(delta)
+
+
+def test_offsets_wait_for_a_successful_publish(settings: Settings, world: SyntheticData) -> None:
+    events = _day(world, 2).take(np.arange(300))
+    produce(settings.kafka.bootstrap, settings.kafka.topic, events)
+    publisher = FailingPublisher(settings.home / "published")
+    with Running(settings, world, publisher) as trainer:
+        wait_for(lambda: publisher.attempts >= 3, 60, "three failed publishes")
+        assert set(_committed(settings, settings.kafka.partitions).values()) == {None}
+        assert trainer.events_applied == 0
+        publisher.healthy.set()
+        wait_for(lambda: _applied(trainer, len(events)), 60, "the retried publish")
+    committed = _committed(settings, settings.kafka.partitions)
+    published = publisher.read(trainer.learner.version).offsets
+    assert sum(o or 0 for o in committed.values()) == len(events)
+    assert all((committed[p] or 0) <= published.get(p, 0) for p in committed)
+
+
+def test_stop_during_failed_publish_commits_and_checkpoints_nothing(
+        settings: Settings, world: SyntheticData) -> None:
+    events = _day(world, 2).take(np.arange(300))
+    produce(settings.kafka.bootstrap, settings.kafka.topic, events)
+    publisher = FailingPublisher(settings.home / "published")
+    with Running(settings, world, publisher):
+        wait_for(lambda: publisher.attempts >= 2, 60, "failed publishes")
+    assert load_checkpoint(settings.checkpoints_dir / "trainer") is None
+    assert set(_committed(settings, settings.kafka.partitions).values()) == {None}
+    with Running(settings, world, FilePublisher(settings.home / "published")) as trainer:
+        wait_for(lambda: _applied(trainer, len(events)), 60, "the replayed events")
+    assert trainer.events_applied == len(events)
+
+
+def test_restart_resumes_from_the_checkpoint(settings: Settings, world: SyntheticData) -> None:
+    first, second = _day(world, 2).take(np.arange(400)), _day(world, 2).take(np.arange(400, 800))
+    produce(settings.kafka.bootstrap, settings.kafka.topic, first)
+    publisher = FilePublisher(settings.home / "published")
+    with Running(settings, world, publisher) as trainer:
+        wait_for(lambda: _applied(trainer, 400), 60, "the first events")
+    saved = load_checkpoint(settings.checkpoints_dir / "trainer")
+    assert saved is not None and sum(saved[0].offsets.values()) == 400
+    produce(settings.kafka.bootstrap, settings.kafka.topic, second)
+    with Running(settings, world, publisher) as trainer:
+        assert trainer.events_applied == 400  # restored, not started over
+        wait_for(lambda: _applied(trainer, 800), 60, "the second events")
+    assert trainer.events_applied == 800
+    assert len(trainer.learner.bundle.user_vocab) > 1
+
+
+def test_rebase_replays_events_after_the_cutoff_onto_the_new_version(
+        settings: Settings, world: SyntheticData) -> None:
+    day2, day3 = _day(world, 2), _day(world, 3).take(np.arange(600))
+    produce(settings.kafka.bootstrap, settings.kafka.topic, day2)
+    produce(settings.kafka.bootstrap, settings.kafka.topic, day3)
+    publisher = FilePublisher(settings.home / "published")
+    with Running(settings, world, publisher) as trainer:
+        base = trainer.learner.version
+        wait_for(lambda: _applied(trainer, len(day2) + len(day3)), 90, "days 2 and 3")
+        nightly = nightly_job(settings, world.dataset, int(world.day_start_ms[2]))
+        wait_for(lambda: publisher.is_rebased(nightly.version), 90, "the rebase")
+        assert trainer.learner.version == nightly.version
+    replayed = publisher.read(nightly.version)
+    # Everything after the cutoff (day 3) was carried over; day 2 is in the nightly itself.
+    day3_users = set(day3.user_id) & set(trainer.learner.bundle.user_vocab.ids)
+    assert day3_users <= set(replayed.users)
+    assert not set(day2.user_id) - set(day3.user_id) & set(replayed.users)
+    assert trainer.metrics.rebases._value.get() == 1
+    assert base != nightly.version
