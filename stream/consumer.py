@@ -219,12 +219,12 @@ class TrainerConsumer:
 
     def _learn(self, events: Any) -> LearnOutput:
         try:
-            return self.learner.step(events)
+            return self.learner.step(events, self.step_no + 1)
         except TrainingDivergedError as exc:
             # Nothing was applied; the events stay in the landed data for the nightly.
             self.metrics.diverged.inc()
             log.error("step diverged, skipped", extra={"error": str(exc)})
-            return self.learner.step(events.take(np.zeros(0, np.int64)))
+            return self.learner.step(events.take(np.zeros(0, np.int64)), self.step_no + 1)
 
     def publish(self, delta: Delta) -> None:
         """Publish, retrying with backoff; the consumer stays in its group meanwhile."""

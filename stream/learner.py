@@ -47,8 +47,13 @@ class StreamLearner:
         self.trainer = Trainer(bundle, self.features, ts, mode="embedding")
         bundle.model.eval()
 
-    def step(self, events: Events) -> LearnOutput:
-        """Embedding-only updates on the events' positives, in event-time order."""
+    def step(self, events: Events, step_no: int) -> LearnOutput:
+        """Embedding-only updates on the events' positives, in event-time order.
+
+        ``step_no`` seeds the initialisation of rows that new ids grow into, so a step
+        replayed after a crash produces exactly what the lost one did.
+        """
+        torch.manual_seed(self.ts.seed * 1_000_003 + step_no)
         positives = events.sorted_by_time().positives(self.ts.rating_threshold)
         if len(positives) < 2:  # an in-batch softmax over one candidate teaches nothing
             return self._output(len(events), 0, float("nan"), _NO_ROWS, _NO_ROWS)

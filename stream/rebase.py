@@ -109,7 +109,7 @@ def _drain(owner: TrainerConsumer, learner: StreamLearner, reader: object,
 
 
 def _apply(owner: TrainerConsumer, learner: StreamLearner, events: list[WireEvent]) -> int:
-    out = learner.step(to_events(events))
+    out = learner.step(to_events(events), owner.step_no)
     owner.publish(Delta(learner.version, out.user_ids, out.user_vectors, out.item_ids,
                         out.item_vectors, dict(owner.offsets),
                         max(e.ts_ms for e in events), owner.step_no))
