@@ -6,6 +6,7 @@ from ListOffsets (wrong on the embedded broker; see ARCHITECTURE, broker facts).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -74,10 +75,9 @@ def ensure_topics(ks: KafkaSettings, bootstrap: str, names: list[str],
         existing = set(admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
-            try:
+            # Another process may create it between list and create.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics([NewTopic(n, num_partitions=ks.partitions,
                                               replication_factor=1) for n in missing])
-            except TopicAlreadyExistsError:
-                pass  # another process created it between list and create
     finally:
         admin.close()

@@ -12,10 +12,13 @@ Invariants, enforced in ``_step``:
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import time
 from collections import deque
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 from kafka import ConsumerRebalanceListener, TopicPartition
@@ -39,6 +42,10 @@ from stream.time_index import TimeIndex
 
 log = logging.getLogger(__name__)
 _FRESHNESS_SAMPLES = 200  # per step into the histogram (observing every event costs ~5%)
+
+
+class TrainerLockedError(RuntimeError):
+    """Another trainer process already owns this home's checkpoints."""
 
 
 class StepAbandonedError(RuntimeError):
@@ -68,6 +75,7 @@ class TrainerConsumer:
         self.stop = stop or StopFlag()
         self.registry = Registry(settings.models_dir)
         self.ckpt_dir = settings.checkpoints_dir / "trainer"
+        self._lock = _exclusive(self.ckpt_dir)
         self.topic = settings.kafka.topic
         self.buffer: deque[Entry] = deque()
         self.buffered_events = 0
@@ -76,7 +84,11 @@ class TrainerConsumer:
         self.step_no = self.events_applied = 0
         self.offsets: dict[int, int] = {}
         self.time_index = TimeIndex()
-        self.learner = self._restore()
+        try:
+            self.learner = self._restore()
+        except BaseException:
+            self._lock.close()
+            raise
         self.last_checkpoint_step = self.step_no
         self._next_rebase_check = 0.0
         self._next_lag_update = 0.0
@@ -346,3 +358,23 @@ class TrainerConsumer:
             self.intake.dlq.close(timeout=5)
         finally:
             self.consumer.close(autocommit=False)
+            self._lock.close()
+
+
+def _exclusive(ckpt_dir: Path) -> TextIO:
+    """Hold the checkpoint directory's lock for the process lifetime: two trainers on
+    one home would overwrite each other's checkpoints."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(ckpt_dir / ".lock", "a+")  # noqa: SIM115 - held until close()
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise TrainerLockedError(f"another stream trainer (pid {holder}) holds {ckpt_dir}; "
+                                 "run one trainer per RECSTREAM_HOME") from None
+    fh.truncate(0)
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh

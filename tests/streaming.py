@@ -24,6 +24,9 @@ def stream_env(home: Path, bootstrap: str, topic: str, **extra: str) -> dict[str
     """Environment for a stream daemon (or ``load_settings``) in a test."""
     return {"RECSTREAM_HOME": str(home), "RECSTREAM_KAFKA_BOOTSTRAP": bootstrap,
             "RECSTREAM_KAFKA_TOPIC": topic, "RECSTREAM_KAFKA_DLQ_TOPIC": f"{topic}.dlq",
+            # A group per test: members of an earlier test must not slow this one's join.
+            "RECSTREAM_STREAM_TRAINER_GROUP": f"{topic}-trainer",
+            "RECSTREAM_STREAM_LANDER_GROUP": f"{topic}-lander",
             "RECSTREAM_STREAM_TRAINER_METRICS_PORT": "0",
             "RECSTREAM_STREAM_LANDER_METRICS_PORT": "0",
             "RECSTREAM_TRAIN_BATCH_SIZE": "128", "RECSTREAM_TRAIN_THREADS": "1",

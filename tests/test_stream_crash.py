@@ -80,7 +80,8 @@ def test_sigkill_loses_nothing_and_matches_an_uninterrupted_run(
     reference = _daemon({**stream_env(ref, kafka_bootstrap, topic, **extra),
                          "RECSTREAM_STREAM_TRAINER_GROUP": "reference"}, tmp_path / "ref.log")
     published = FilePublisher(crash / "published")
-    monitor = CommitMonitor(kafka_bootstrap, topic, "trainer", published, version)
+    monitor = CommitMonitor(kafka_bootstrap, topic, settings.stream.trainer_group, published,
+                             version)
     monitor.start()
     env = stream_env(crash, kafka_bootstrap, topic, **extra)
     rng, kills = random.Random(7), 0

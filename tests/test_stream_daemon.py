@@ -63,7 +63,8 @@ def test_sigterm_steps_the_buffer_commits_checkpoints_and_exits_zero(
             proc.kill()
     saved = load_checkpoint(settings.checkpoints_dir / "trainer")
     assert saved is not None and sum(saved[0].offsets.values()) == 300
-    probe = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id="trainer")
+    probe = KafkaConsumer(bootstrap_servers=kafka_bootstrap,
+                          group_id=settings.stream.trainer_group)
     committed = [probe.committed(TopicPartition(topic, p)) or 0
                  for p in range(settings.kafka.partitions)]
     probe.close()

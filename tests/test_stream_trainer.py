@@ -4,7 +4,6 @@ the commit-after-publish rule, restarts from checkpoints and the rebase."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from common.synthetic import SyntheticConfig, SyntheticData, generate
 from publisher.base import Delta, PublishError
 from publisher.files import FilePublisher
 from stream.checkpoint import load_checkpoint
-from stream.consumer import TrainerConsumer
+from stream.consumer import TrainerConsumer, TrainerLockedError
 
 WORLD = SyntheticConfig(n_users=300, n_items=150, n_clusters=5, n_days=4, events_per_day=1500,
                         seed=3)
@@ -225,3 +224,33 @@ def test_rebase_replays_events_after_the_cutoff_onto_the_new_version(
     assert not set(day2.user_id) - set(day3.user_id) & set(replayed.users)
     assert trainer.metrics.rebases._value.get() == 1
     assert base != nightly.version
+
+
+def test_a_second_trainer_on_the_same_home_is_refused(settings: Settings,
+                                                      world: SyntheticData) -> None:
+    publisher = FilePublisher(settings.home / "published")
+    with Running(settings, world, publisher), pytest.raises(TrainerLockedError, match="pid"):
+        TrainerConsumer(settings, world.dataset, publisher, settings.kafka.bootstrap)
+
+
+def test_a_rebalance_checkpoints_and_loses_or_repeats_nothing(
+        settings: Settings, world: SyntheticData) -> None:
+    first, second = _day(world, 2).take(np.arange(400)), _day(world, 2).take(np.arange(400, 800))
+    produce(settings.kafka.bootstrap, settings.kafka.topic, first)
+    with Running(settings, world, FilePublisher(settings.home / "published")) as trainer:
+        wait_for(lambda: _applied(trainer, 400), 60, "the first events")
+        produce(settings.kafka.bootstrap, settings.kafka.topic, second)
+        # A second member joins the group: the trainer's partitions are revoked.
+        intruder = KafkaConsumer(settings.kafka.topic, bootstrap_servers=settings.kafka.bootstrap,
+                                 group_id=settings.stream.trainer_group,
+                                 enable_auto_commit=False, session_timeout_ms=6000,
+                                 heartbeat_interval_ms=1000)
+        try:
+            wait_for(lambda: bool(intruder.poll(200) or intruder.assignment()), 60,
+                     "the intruder to get partitions")
+            assert load_checkpoint(settings.checkpoints_dir / "trainer") is not None
+        finally:
+            intruder.close(autocommit=False)
+        wait_for(lambda: _applied(trainer, 800), 90, "every event after the rebalance")
+        assert trainer.events_applied == 800
+    assert sum(trainer.offsets.values()) == 800

@@ -1,0 +1,348 @@
+"""The lander: archive the event topic to daily Parquet partitions, each event exactly once.
+
+Consumer group ``lander`` reads the topic, buffers valid events by UTC day and, every
+``lander_flush_s`` seconds or ``lander_max_rows`` rows, writes one file per (day,
+partition) under ``events/date=YYYY-MM-DD/`` (see ``common.landed``); only when all
+files of a flush are durable does it commit the offsets they cover.
+
+Exactly once after any crash: a re-read record whose offset lies in a landed file of
+its day and partition is skipped (the crash came after the rename, before the
+commit), and an event_id already landed or buffered for its day is dropped as a
+duplicate (producers retry). Invalid records are counted and skipped here; the
+trainer is the consumer that dead-letters them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from common.atomic import atomic_writer, fsync_dir
+from common.events import format_day
+from common.kafka_clients import bootstrap_servers, ensure_topics, make_consumer
+from common.landed import (
+    SCHEMA,
+    LandedIndex,
+    day_dir,
+    landed_watermark_ms,
+    part_name,
+    read_event_ids,
+)
+from common.settings import Settings
+from common.shutdown import StopFlag
+from common.wire import InvalidEventError, WireEvent, decode_event
+
+log = logging.getLogger(__name__)
+
+# Event-id sets of this many recently touched days stay in memory; an older day
+# touched again (a late event) is re-read from its files.
+_CACHED_DAYS = 4
+_LAG_EVERY_S = 1.0
+Row = tuple[WireEvent, int]  # an event and its Kafka offset
+
+
+class LanderError(RuntimeError):
+    """The lander cannot land safely; the message says what to do."""
+
+
+@dataclass
+class LanderStats:
+    """What one run of the lander did."""
+
+    events: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    already_landed: int = 0
+    files: int = 0
+    commits: int = 0
+    watermark_ms: int = 0
+
+
+class LanderMetrics:
+    """The lander's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.events = Counter("recstream_lander_events", "Events landed in Parquet files",
+                              registry=r)
+        self.rejected = Counter("recstream_lander_rejected",
+                                "Invalid records skipped (the trainer dead-letters them)",
+                                registry=r)
+        self.duplicates = Counter("recstream_lander_duplicates",
+                                  "Events dropped: event_id already landed or buffered for "
+                                  "its day", registry=r)
+        self.already_landed = Counter("recstream_lander_already_landed",
+                                      "Records re-read after a crash whose file had landed",
+                                      registry=r)
+        self.files = Counter("recstream_lander_files_written", "Parquet files written",
+                             registry=r)
+        self.flush_seconds = Histogram("recstream_lander_flush_seconds",
+                                       "Time to write a flush's files and commit", registry=r)
+        self.watermark = Gauge("recstream_lander_watermark_timestamp_seconds",
+                               "Newest event time landed (UTC seconds since the epoch)",
+                               registry=r)
+        self.lag = Gauge("recstream_lander_lag_records",
+                         "Records not yet read: highwater - position", ["partition"], registry=r)
+
+
+def write_part(events_dir: Path, day: str, partition: int, rows: list[Row]) -> Path:
+    """Write one day's rows of one partition: temp file, fsync, rename, fsync the directory."""
+    directory = day_dir(events_dir, day)
+    if not directory.is_dir():
+        directory.mkdir(parents=True, exist_ok=True)
+        fsync_dir(directory.parent)  # the new date= entry must survive a crash too
+    path = directory / part_name(partition, rows[0][1], rows[-1][1])
+    if path.exists():
+        # Same day, partition and offsets already landed: only a recreated topic
+        # (offsets restarted) gets here, and overwriting would lose the old rows.
+        raise LanderError(f"{path} already exists: was the topic recreated? Move "
+                          f"{events_dir} aside (or land into a new RECSTREAM_HOME)")
+    events = [e for e, _ in rows]
+    table = pa.Table.from_pydict({
+        "event_id": [e.event_id for e in events], "user_id": [e.user_id for e in events],
+        "item_id": [e.item_id for e in events], "event_type": [e.event_type for e in events],
+        "value": [e.value for e in events], "ts_ms": [e.ts_ms for e in events],
+        "context": [json.dumps(dict(e.context)) if e.context else None for e in events],
+        "kafka_partition": [partition] * len(rows), "kafka_offset": [o for _, o in rows],
+    }, schema=SCHEMA)
+    with atomic_writer(path) as fh:
+        pq.write_table(table, fh)
+    return path
+
+
+class Lander:
+    """Consumer group ``lander``: poll, buffer by day, write files, then commit."""
+
+    def __init__(self, settings: Settings, bootstrap: str,
+                 metrics: LanderMetrics | None = None) -> None:
+        self.settings = settings
+        self.events_dir = settings.events_dir
+        self.metrics = metrics or LanderMetrics()
+        self.stats = LanderStats()
+        self._buffer: dict[tuple[str, int], list[Row]] = {}
+        self._rows = 0
+        self._pending: dict[TopicPartition, int] = {}  # next offset to commit per partition
+        self._index = LandedIndex(self.events_dir)
+        # The watermark survives restarts: a restarted lander reports what is on disk.
+        self.stats.watermark_ms = landed_watermark_ms(self.events_dir) or 0
+        self.metrics.watermark.set(self.stats.watermark_ms / 1000)
+        self._seen: OrderedDict[str, set[str]] = OrderedDict()  # day -> landed + buffered ids
+        self._assigned_at: float | None = None
+        self._last_record = time.monotonic()
+        self._lag_at = 0.0
+        self.consumer: KafkaConsumer = make_consumer(settings.kafka, bootstrap,
+                                                     settings.stream.lander_group)
+        self.consumer.subscribe([settings.kafka.topic], listener=_Rebalance(self))
+
+    @property
+    def buffered(self) -> int:
+        """Rows waiting for the next flush."""
+        return self._rows
+
+    def run(self, stop: StopFlag, max_idle_s: float | None = None) -> LanderStats:
+        """Land until ``stop`` is set (or ``max_idle_s`` pass without a record), then flush."""
+        flush_s = self.settings.stream.lander_flush_s
+        max_rows = self.settings.stream.lander_max_rows
+        next_flush = time.monotonic() + flush_s
+        try:
+            while not stop.is_set() and not self._idle(max_idle_s):
+                self.poll_once()
+                if self._rows >= max_rows or time.monotonic() >= next_flush:
+                    self.flush()
+                    next_flush = time.monotonic() + flush_s
+            self.flush()
+        except BaseException:
+            # Nothing buffered is committed: restarting re-reads it, so drop it rather
+            # than let the close-time revoke write and commit after a failure.
+            self.abandon()
+            raise
+        finally:
+            self.consumer.close(autocommit=False)
+        return self.stats
+
+    def poll_once(self) -> int:
+        """Poll once and classify what came; returns how many records were read."""
+        batches = self.consumer.poll(timeout_ms=self.settings.stream.poll_timeout_ms)
+        n = 0
+        for tp, records in batches.items():
+            for record in records:
+                self._take(tp, record.offset, record.value)
+            n += len(records)
+        if n:
+            self._last_record = time.monotonic()
+        if time.monotonic() - self._lag_at >= _LAG_EVERY_S:
+            self._update_lag()
+        return n
+
+    def _take(self, tp: TopicPartition, offset: int, value: bytes | None) -> None:
+        """Reject, skip as landed, drop as duplicate, or buffer one record."""
+        self._pending[tp] = offset + 1  # every record read is settled by the next flush
+        try:
+            event = decode_event(value, self.settings.kafka.max_message_bytes)
+        except InvalidEventError as exc:
+            self._reject(tp, offset, exc.reason)
+            return
+        day = format_day(event.ts_ms)
+        seen = self._seen_ids(day)
+        if event.event_id in seen:
+            if self._index.covers(day, tp.partition, offset):
+                self.stats.already_landed += 1
+                self.metrics.already_landed.inc()
+            else:
+                self.stats.duplicates += 1
+                self.metrics.duplicates.inc()
+            return
+        seen.add(event.event_id)
+        self._buffer.setdefault((day, tp.partition), []).append((event, offset))
+        self._rows += 1
+
+    def _reject(self, tp: TopicPartition, offset: int, reason: str) -> None:
+        if not self.stats.rejected:
+            log.warning("skipping invalid records (the trainer dead-letters them)",
+                        extra={"partition": tp.partition, "offset": offset, "reason": reason})
+        self.stats.rejected += 1
+        self.metrics.rejected.inc()
+
+    def _seen_ids(self, day: str) -> set[str]:
+        ids = self._seen.get(day)
+        if ids is None:
+            ids = self._seen[day] = read_event_ids(self.events_dir, day)
+        self._seen.move_to_end(day)
+        return ids
+
+    def flush(self) -> None:
+        """Write the buffer, one file per (day, partition), then commit what it covered."""
+        if not self._pending:
+            return
+        start = time.monotonic()
+        offsets = self.write_pending()
+        # The invariant: these offsets are committed only now, after every file is durable.
+        try:
+            self.consumer.commit(offsets)
+            self.stats.commits += 1
+            log.info("committed", extra={"offsets": _shown(offsets)})
+        except KafkaError as exc:
+            # Not fatal: the records are re-read later and skipped as already landed.
+            log.warning("offset commit failed", extra={"error": str(exc)})
+        self.metrics.flush_seconds.observe(time.monotonic() - start)
+
+    def write_pending(self) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Write every buffered (day, partition) durably; returns the offsets to commit."""
+        for (day, partition), rows in sorted(self._buffer.items()):
+            write_part(self.events_dir, day, partition, rows)
+            self._index.add(day, partition, rows[0][1], rows[-1][1])
+            self._count_landed(rows)
+        offsets = {tp: OffsetAndMetadata(n, "", -1) for tp, n in self._pending.items()}
+        self._buffer.clear()
+        self._pending.clear()
+        self._rows = 0
+        while len(self._seen) > _CACHED_DAYS:  # the buffer is empty: any day may go
+            self._seen.popitem(last=False)
+        return offsets
+
+    def _count_landed(self, rows: list[Row]) -> None:
+        self.stats.files += 1
+        self.stats.events += len(rows)
+        self.stats.watermark_ms = max(self.stats.watermark_ms, max(e.ts_ms for e, _ in rows))
+        self.metrics.files.inc()
+        self.metrics.events.inc(len(rows))
+        self.metrics.watermark.set(self.stats.watermark_ms / 1000)
+
+    def abandon(self) -> None:
+        """Drop the buffer without writing or committing (its records will be re-read)."""
+        self._buffer.clear()
+        self._pending.clear()
+        self._rows = 0
+        self._seen.clear()  # it held the dropped rows' ids
+
+    def on_assigned(self) -> None:
+        """Partitions moved: learn what other landers landed meanwhile."""
+        self._index.rescan()
+        self._seen.clear()
+        self.metrics.lag.clear()
+        self._assigned_at = self._last_record = time.monotonic()
+
+    def _idle(self, max_idle_s: float | None) -> bool:
+        # Idle time counts from the first assignment, so a slow group join is not idleness.
+        return (max_idle_s is not None and self._assigned_at is not None
+                and time.monotonic() - self._last_record > max_idle_s)
+
+    def _update_lag(self) -> None:
+        # highwater - position, never end_offsets(): ListOffsets is wrong on tansu.
+        self._lag_at = time.monotonic()
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            pos = self.consumer.position(tp) if high is not None else None
+            if pos is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(high - pos, 0))
+
+
+def _shown(offsets: dict[TopicPartition, OffsetAndMetadata]) -> dict[int, int]:
+    return {tp.partition: meta.offset for tp, meta in offsets.items()}
+
+
+class _Rebalance(AsyncConsumerRebalanceListener):
+    """Flush and commit before partitions move, so their next owner starts after them.
+
+    Async because kafka-python runs listeners on its IO thread, where a blocking
+    ``commit()`` is refused; the main thread is blocked in ``poll()``/``close()``
+    meanwhile, so the lander's state has one user at a time.
+    """
+
+    def __init__(self, lander: Lander) -> None:
+        self._lander = lander
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        offsets = self._lander.write_pending()
+        if not offsets:
+            return
+        try:
+            await self._lander.consumer.commit_async(offsets)
+            self._lander.stats.commits += 1
+            log.info("committed on revoke", extra={"offsets": _shown(offsets)})
+        except KafkaError as exc:
+            log.warning("offset commit on revoke failed", extra={"error": str(exc)})
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._lander.on_assigned()
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        # Evicted: another lander owns these now and re-reads from the last commit.
+        self._lander.abandon()
+
+
+def run_lander_daemon(settings: Settings, stop: StopFlag | None = None,
+                      max_idle_s: float | None = None) -> LanderStats:
+    """Run the lander until SIGTERM/SIGINT (or ``stop``, or ``max_idle_s`` without records)."""
+    if stop is None:
+        stop = StopFlag()
+        stop.install_signal_handlers()
+    metrics = LanderMetrics()
+    server = None
+    if settings.stream.lander_metrics_port:
+        server, _ = start_http_server(settings.stream.lander_metrics_port,
+                                      addr=settings.stream.metrics_host,
+                                      registry=metrics.registry)
+    try:
+        bootstrap = bootstrap_servers(settings)
+        ensure_topics(settings.kafka, bootstrap, [settings.kafka.topic])
+        log.info("lander starting", extra={"topic": settings.kafka.topic,
+                                           "group": settings.stream.lander_group})
+        stats = Lander(settings, bootstrap, metrics).run(stop, max_idle_s)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    log.info("lander stopped", extra={"reason": stop.reason or "idle", **vars(stats)})
+    return stats
