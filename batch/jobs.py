@@ -51,17 +51,24 @@ def bootstrap_job(settings: Settings, dataset: Dataset, start_ms: int | None,
                      stats.examples_per_s, stats.final_loss)
 
 
-def nightly_job(settings: Settings, dataset: Dataset, day_ms: int,
-                promote: bool = False) -> JobResult:
-    """Warm-start from the champion, one epoch over the day, register (promote on request)."""
+def nightly_job(settings: Settings, dataset: Dataset, day_ms: int, promote: bool = False,
+                day_events: Events | None = None) -> JobResult:
+    """Warm-start from the champion, one epoch over the day, register (promote on request).
+
+    The day's events are the landed partition's when given (``day_events``), else the
+    data set's; side features always come from the data set.
+    """
     registry = Registry(settings.models_dir)
     bundle, meta = registry.load("champion")
-    day_events: Events = dataset.events.between(day_ms, day_ms + DAY_MS)
+    source = "dataset" if day_events is None else "landed"
+    if day_events is None:
+        day_events = dataset.events.between(day_ms, day_ms + DAY_MS)
     stats = nightly(settings, bundle, dataset, day_events)
     version = registry.register(
         bundle, kind="nightly", cutoff_ms=day_ms + DAY_MS, parent=meta["version"], metrics={},
         config_hash=settings.model_hash(),
-        extra={"dataset": dataset.name, "day": format_day(day_ms), "train": asdict(stats)})
+        extra={"dataset": dataset.name, "day": format_day(day_ms), "source": source,
+               "train": asdict(stats)})
     if promote:
         registry.promote(version)
     log.info("nightly registered", extra={"version": version, "parent": meta["version"]})

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "RECSTREAM_TRAIN_BOOTSTRAP_EPOCHS)")
     train.add_argument("--promote", action="store_true",
                        help="make the new version champion right away")
+    train.add_argument("--source", choices=["dataset", "landed"], default="dataset",
+                       help="nightly: the day's events from the data set or from the "
+                       "lander's partitions under RECSTREAM_HOME/events (default: dataset)")
 
     ev = sub.add_parser("eval", help="offline evaluation of the two-tower against baselines")
     _add_dataset_args(ev)
@@ -158,7 +161,13 @@ def _cmd_train(settings: Settings, args: argparse.Namespace) -> None:
     else:
         if not args.day:
             raise UsageError("--nightly needs --day YYYY-MM-DD")
-        result = nightly_job(settings, dataset, parse_day(args.day), promote=args.promote)
+        day_events = None
+        if args.source == "landed":
+            from common.landed import read_landed_day
+
+            day_events = read_landed_day(settings.events_dir, args.day)
+        result = nightly_job(settings, dataset, parse_day(args.day), promote=args.promote,
+                             day_events=day_events)
     print(json.dumps(asdict(result), indent=2))
 
 
