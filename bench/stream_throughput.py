@@ -320,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             t0 = time.perf_counter()
             bootstrap_job(a, dataset, None, int(history.ts_ms[-1]) + 1, epochs=1, promote=True)
             figures["bootstrap_s"] = round(time.perf_counter() - t0, 1)
+            if base.stream.threads:  # the trainer daemon's setting, as `recstream stream` does
+                torch.set_num_threads(base.stream.threads)
             backlog = after.take(np.arange(args.events))
             figures.update(produce_all(a, backlog))
             figures.update(raw_poll(a, args.events))

@@ -12,10 +12,10 @@ import torch
 
 from common.events import Events
 from common.features import EncodedFeatures, FeatureEncoder, FeatureTable
-from common.freq import FrequencyEstimator, stable_hash_many
+from common.freq import FrequencyEstimator, stable_hash
 from common.model import TwoTower, TwoTowerConfig
 from common.settings import ModelSettings
-from common.vocab import IdVocab, map_distinct
+from common.vocab import Distinct, IdVocab
 
 
 @dataclass
@@ -47,17 +47,30 @@ class ModelBundle:
                    item_enc, FrequencyEstimator(ms.freq_hash_size, ms.freq_num_hashes,
                                                 ms.freq_alpha), np.zeros(1))
 
-    def observe(self, positives: Events) -> None:
+    def observe(self, positives: Events, ids: BatchIds | None = None) -> None:
         """Grow vocabularies (frequency rule), ID tables and item counts for new positives."""
-        self.user_vocab.observe(positives.user_id.tolist())
-        self.item_vocab.observe(positives.item_id.tolist())
+        ids = ids or BatchIds.of(positives)
+        self.user_vocab.observe_distinct(ids.users)
+        self.item_vocab.observe_distinct(ids.items)
         self.model.grow(len(self.user_vocab), len(self.item_vocab))
         if len(self.item_counts) < len(self.item_vocab):
             grown = np.zeros(len(self.item_vocab))
             grown[: len(self.item_counts)] = self.item_counts
             self.item_counts = grown
-        rows = self.item_vocab.lookup_many(positives.item_id)
-        np.add.at(self.item_counts, rows, 1.0)
+        np.add.at(self.item_counts, self.item_vocab.lookup(ids.items.values),
+                  ids.items.counts.astype(np.float64))
+
+
+@dataclass(frozen=True)
+class BatchIds:
+    """The distinct user and item ids of a batch of events, found once."""
+
+    users: Distinct
+    items: Distinct
+
+    @classmethod
+    def of(cls, events: Events) -> BatchIds:
+        return cls(Distinct.of(events.user_id), Distinct.of(events.item_id))
 
 
 @dataclass
@@ -91,14 +104,17 @@ class Examples:
                         self.item_feat[idx], self.item_keys[idx], self.ts_ms[idx])
 
 
-def encode_examples(bundle: ModelBundle, features: Features, positives: Events) -> Examples:
+def encode_examples(bundle: ModelBundle, features: Features, positives: Events,
+                    ids: BatchIds | None = None) -> Examples:
     """Rows and feature rows for each positive event (vocabularies must have observed them)."""
+    ids = ids or BatchIds.of(positives)
+    users, items = ids.users, ids.items
     return Examples(
-        user_rows=bundle.user_vocab.lookup_many(positives.user_id),
-        user_feat=map_distinct(positives.user_id, features.users.rows),
-        item_rows=bundle.item_vocab.lookup_many(positives.item_id),
-        item_feat=map_distinct(positives.item_id, features.items.rows),
-        item_keys=stable_hash_many(positives.item_id),
+        user_rows=users.spread(bundle.user_vocab.lookup(users.values)),
+        user_feat=users.spread(features.users.rows(users.values)),
+        item_rows=items.spread(bundle.item_vocab.lookup(items.values)),
+        item_feat=items.spread(features.items.rows(items.values)),
+        item_keys=items.spread(stable_hash(items.values)).astype(np.uint64),
         ts_ms=positives.ts_ms.copy(),
     )
 

@@ -22,8 +22,6 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from common.vocab import map_distinct
-
 _MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
                          0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53,
                          0x94D049BB133111EB, 0xBF58476D1CE4E5B9], dtype=np.uint64)
@@ -35,10 +33,6 @@ def stable_hash(ids: Iterable[str]) -> np.ndarray:
         (int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little")
          for i in ids), dtype=np.uint64)
 
-
-def stable_hash_many(ids: np.ndarray) -> np.ndarray:
-    """``stable_hash`` resolving each distinct id once."""
-    return map_distinct(ids, stable_hash, dtype=np.uint64)
 
 
 class FrequencyEstimator:

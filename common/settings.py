@@ -122,6 +122,11 @@ class StreamSettings(_Group):
     lander_group: str = "lander"
     update_interval_s: float = Field(300.0, gt=0, description="gather a micro-batch this long")
     max_batch_events: int = Field(50_000, ge=1, description="or until this many events")
+    batch_size: int = Field(
+        512, ge=2, description="examples per embedding-only step (the nightly uses "
+        "train.batch_size); larger steps keep up with 50k events/s")
+    threads: int = Field(1, ge=0, description="torch threads of the trainer daemon; one "
+                         "leaves a core to polling and decoding; 0 = torch default")
     checkpoint_every_steps: int = Field(10, ge=1)
     checkpoints_kept: int = Field(2, ge=1)
     poll_timeout_ms: int = Field(100, ge=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,36 @@ def map_distinct(ids: np.ndarray, resolve: Callable[[list[str]], np.ndarray],
         return np.zeros(0, dtype=dtype)
     uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
     return resolve(uniq.tolist())[inverse]
+
+
+@dataclass(frozen=True)
+class Distinct:
+    """A column's distinct ids, in order of first appearance, computed once and reused
+    for every per-id lookup of a batch (sorting strings is the expensive part).
+
+    >>> d = Distinct.of(np.array(["b", "a", "b"], dtype=object))
+    >>> d.values, d.counts.tolist(), d.spread(np.array([10, 20])).tolist()
+    (['b', 'a'], [2, 1], [10, 20, 10])
+    """
+
+    values: list[str]
+    inverse: np.ndarray  # position in ``values`` of each element of the column
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, ids: np.ndarray) -> Distinct:
+        if len(ids) == 0:
+            return cls([], np.zeros(0, np.int64), np.zeros(0, np.int64))
+        uniq, first, inverse, counts = np.unique(ids.astype(str), return_index=True,
+                                                 return_inverse=True, return_counts=True)
+        order = np.argsort(first, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        return cls(uniq[order].tolist(), rank[inverse.reshape(-1)], counts[order])
+
+    def spread(self, per_value: np.ndarray) -> np.ndarray:
+        """Per-distinct results broadcast back over the column."""
+        return np.asarray(per_value)[self.inverse]
 
 
 class VocabError(ValueError):
@@ -65,9 +96,17 @@ class IdVocab:
 
     def observe(self, ids: Iterable[str]) -> int:
         """Count occurrences; ids reaching ``min_count`` get a row. Returns rows added."""
-        before = len(self._ids)
         counts = Counter(i for i in ids if i not in self._rows)
-        for raw_id, c in counts.items():
+        return self.observe_distinct(Distinct(list(counts), np.zeros(0, np.int64),
+                                              np.fromiter(counts.values(), np.int64,
+                                                          len(counts))))
+
+    def observe_distinct(self, distinct: Distinct) -> int:
+        """``observe`` for a column already reduced to distinct ids and their counts."""
+        before = len(self._ids)
+        for raw_id, c in zip(distinct.values, distinct.counts.tolist(), strict=True):
+            if raw_id in self._rows:
+                continue
             total = self._pending[raw_id] + c
             if total >= self.min_count:
                 self._pending.pop(raw_id, None)

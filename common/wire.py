@@ -22,9 +22,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_str
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -38,9 +37,14 @@ MAX_CONTEXT_KEYS = 32
 MAX_CONTEXT_VALUE_CHARS = 256
 # 1990-01-01 .. 2100-01-01: outside is a unit bug (seconds, microseconds), not an event.
 MIN_TS_MS, MAX_TS_MS = 631_152_000_000, 4_102_444_800_000
-_KNOWN = frozenset({"event_id", "user_id", "item_id", "event_type", "value", "ts_ms",
-                    "context"})
+_PLAIN = frozenset({"event_id", "user_id", "item_id", "event_type", "value", "ts_ms"})
+_KNOWN = _PLAIN | {"context"}
 DEFAULT_MAX_BYTES = 64 * 1024
+
+try:  # orjson parses a record ~4x faster; the standard library is the fallback
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - orjson is a dependency, but keep working without
+    from json import loads as _loads
 
 
 class InvalidEventError(ValueError):
@@ -51,9 +55,8 @@ class InvalidEventError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class WireEvent:
-    """One decoded, validated event."""
+class WireEvent(NamedTuple):
+    """One decoded, validated event (a tuple: cheap to build at 50k events/s)."""
 
     event_id: str
     user_id: str
@@ -114,9 +117,25 @@ def decode_event(raw: bytes | None, max_bytes: int | None = DEFAULT_MAX_BYTES) -
     if max_bytes is not None and len(raw) > max_bytes:
         raise InvalidEventError(f"record of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        d = json.loads(raw)
+        d = _loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidEventError(f"not JSON: {str(exc)[:80]}") from None
+    # The common case checked in one expression; anything unusual takes the slow path,
+    # which finds the precise reason (or accepts, e.g. an event with a context).
+    if type(d) is dict and d.keys() <= _PLAIN:
+        e, u, i, t = d.get("event_id"), d.get("user_id"), d.get("item_id"), d.get("event_type")
+        ts, v = d.get("ts_ms"), d.get("value")
+        if (type(e) is str and type(u) is str and type(i) is str
+                and 0 < len(e) <= MAX_ID_CHARS and 0 < len(u) <= MAX_ID_CHARS
+                and 0 < len(i) <= MAX_ID_CHARS and t in EVENT_TYPES
+                and type(ts) is int and MIN_TS_MS <= ts < MAX_TS_MS
+                and ((v is None and t != RATING)
+                     or ((type(v) is float or type(v) is int) and math.isfinite(v)))):
+            return WireEvent(e, u, i, t, None if v is None else float(v), ts)
+    return _validate(d)
+
+
+def _validate(d: Any) -> WireEvent:
     if not isinstance(d, dict):
         raise InvalidEventError(f"event must be a JSON object, got {type(d).__name__}")
     unknown = d.keys() - _KNOWN
@@ -149,16 +168,16 @@ def to_events(batch: Iterable[WireEvent]) -> Events:
     rows = list(batch)
     if not rows:
         return Events.empty()
-    obj = np.empty(len(rows), dtype=object)
+    event_id, user_id, item_id, event_type, value, ts_ms, _ = zip(*rows, strict=True)
 
-    def col(name: str) -> np.ndarray:
-        out = obj.copy()
-        out[:] = [getattr(r, name) for r in rows]
+    def col(values: tuple[str, ...]) -> np.ndarray:
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
         return out
 
-    return Events(col("event_id"), col("user_id"), col("item_id"), col("event_type"),
-                  np.array([np.nan if r.value is None else r.value for r in rows], np.float32),
-                  np.array([r.ts_ms for r in rows], np.int64))
+    return Events(col(event_id), col(user_id), col(item_id), col(event_type),
+                  np.array([np.nan if v is None else v for v in value], np.float32),
+                  np.array(ts_ms, np.int64))
 
 
 # -- whole batches, for producers: the checks above vectorised, the encoding in bulk --

@@ -17,6 +17,8 @@ import logging
 import os
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,6 +52,16 @@ class TrainerLockedError(RuntimeError):
 
 class StepAbandonedError(RuntimeError):
     """Shutdown was requested while a delta could not be published; nothing committed."""
+
+
+@dataclass
+class PendingStep:
+    """A step handed to the learner thread: what it covers and its result to come."""
+
+    entries: list[Entry]
+    offsets: dict[int, int]  # the state's offsets once this step is applied
+    started: float
+    future: Future[tuple[LearnOutput, Delta, PublishError | None]]
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -94,6 +106,9 @@ class TrainerConsumer:
         self._next_lag_update = 0.0
         self._skip_versions: set[str] = set()
         self._in_step = False
+        self.pending: PendingStep | None = None
+        self.max_steps: int | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner")
         self.consumer = make_consumer(settings.kafka, bootstrap, settings.stream.trainer_group)
         self.intake = Intake(make_producer(settings.kafka, bootstrap),
                              settings.kafka.dlq_topic, settings.kafka.max_message_bytes,
@@ -119,7 +134,8 @@ class TrainerConsumer:
 
     def _learner(self, bundle: Any, version: str) -> StreamLearner:
         self.metrics.version.info({"version": version})
-        return StreamLearner(bundle, self.dataset, self.s.train, version)
+        return StreamLearner(bundle, self.dataset, self.s.train, version,
+                             self.s.stream.batch_size)
 
     # Both hooks run on kafka-python's IO thread, where blocking consumer calls (commit,
     # position) are not allowed: they only seek, drop and checkpoint.
@@ -127,9 +143,11 @@ class TrainerConsumer:
     def on_assigned(self, assigned: Any) -> None:
         """Seek to the checkpoint's offsets: the restored state includes exactly those.
         A partition the state has never seen starts at the group's committed offset."""
+        # A step still learning will be published and committed: resume after it.
+        offsets = self.pending.offsets if self.pending is not None else self.offsets
         for tp in assigned:
-            if tp.partition in self.offsets:
-                self.consumer.seek(tp, self.offsets[tp.partition])
+            if tp.partition in offsets:
+                self.consumer.seek(tp, offsets[tp.partition])
         log.info("partitions assigned", extra={"partitions": sorted(t.partition
                                                                     for t in assigned)})
 
@@ -147,12 +165,12 @@ class TrainerConsumer:
         """Poll, step, publish, commit until stopped (or ``max_steps``); then checkpoint."""
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))
         abandoned = False
+        self.max_steps = max_steps
         try:
-            while not self.stop.is_set():
+            while not self.stop.is_set() and not self._enough_steps():
                 self.poll_once()
-                if max_steps is not None and self.step_no >= max_steps:
-                    break
-            if self.buffer:
+            self._finish_step(block=True)
+            if self.buffer and not self._enough_steps():
                 self._step(self._take(len(self.buffer)))
         except StepAbandonedError:
             abandoned = True
@@ -172,8 +190,11 @@ class TrainerConsumer:
             self.buffered_events += sum(e.event is not None for e in entries)
             if self.batch_started is None:
                 self.batch_started = time.monotonic()
-        while self._due():
-            self._step(self._take(self.s.stream.max_batch_events))
+        self._finish_step(block=False)
+        if self.pending is not None and self.buffered_events >= 2 * self.s.stream.max_batch_events:
+            self._finish_step(block=True)  # backpressure: the learner is behind
+        if self.pending is None and self._due() and not self._enough_steps():
+            self._start_step(self._take(self.s.stream.max_batch_events))
         now = time.monotonic()
         if now >= self._next_rebase_check:
             self._next_rebase_check = now + self.s.stream.rebase_check_s
@@ -181,6 +202,9 @@ class TrainerConsumer:
         if now >= self._next_lag_update:
             self._next_lag_update = now + 1.0
             self._update_lag()
+
+    def _enough_steps(self) -> bool:
+        return self.max_steps is not None and self.step_no >= self.max_steps
 
     def _due(self) -> bool:
         if not self.buffer:
@@ -205,38 +229,73 @@ class TrainerConsumer:
 
     # -- one step ---------------------------------------------------------------------
 
-    def _step(self, entries: list[Entry]) -> None:
-        self._in_step = True
-        try:
-            self._step_inner(entries)
-        finally:
-            self._in_step = False
+    # A step learns and publishes on the learner thread while this thread keeps polling
+    # (torch releases the GIL); committing and checkpointing stay on this thread.
 
-    def _step_inner(self, entries: list[Entry]) -> None:
-        start = time.perf_counter()
-        events = to_events(e.event for e in entries if e.event is not None)
-        out = self._learn(events)
+    def _step(self, entries: list[Entry]) -> None:
+        """One whole step, synchronously."""
+        self._start_step(entries)
+        self._finish_step(block=True)
+
+    def _start_step(self, entries: list[Entry]) -> None:
+        first_sight = {}
+        for e in entries:
+            if e.partition not in self.offsets and e.partition not in first_sight:
+                first_sight[e.partition] = e.offset
+        if first_sight:
+            # Record where the state starts reading a partition before any offset of it
+            # is committed: otherwise a crash before the next checkpoint would resume at
+            # the committed offset, past events the restored state never learned.
+            self.offsets.update(first_sight)
+            self.checkpoint(force=True)
         offsets = dict(self.offsets)
         for e in entries:
-            offsets[e.partition] = max(offsets.get(e.partition, 0), e.offset + 1)
-        self.intake.flush()
-        max_ts = int(events.ts_ms.max()) if len(events) else 0
-        self.publish(Delta(self.learner.version, out.user_ids, out.user_vectors, out.item_ids,
-                            out.item_vectors, offsets, max_ts, self.step_no + 1))
+            offsets[e.partition] = e.offset + 1  # entries are in offset order per partition
+        self._in_step = True
+        self.pending = PendingStep(entries, offsets, time.perf_counter(), self._pool.submit(
+            self._learn_and_publish, entries, offsets, self.step_no + 1))
+
+    def _learn_and_publish(self, entries: list[Entry], offsets: dict[int, int],
+                           step_no: int) -> tuple[LearnOutput, Delta, PublishError | None]:
+        events = to_events(e.event for e in entries if e.event is not None)
+        out = self._learn(events, step_no)
+        delta = Delta(self.learner.version, out.user_ids, out.user_vectors, out.item_ids,
+                      out.item_vectors, offsets,
+                      int(events.ts_ms.max()) if len(events) else 0, step_no)
+        try:
+            self.publisher.publish_delta(delta)
+        except PublishError as exc:
+            return out, delta, exc  # retried on the consumer thread, which can keep alive
+        return out, delta, None
+
+    def _finish_step(self, block: bool) -> None:
+        step = self.pending
+        if step is None or (not block and not step.future.done()):
+            return
+        out, delta, error = step.future.result()
+        if error is not None:
+            self.metrics.publish_failures.inc()
+            log.warning("publish failed, retrying", extra={"error": str(error)})
+            self.publish(delta)
+        else:
+            self.metrics.last_publish.set(time.time())
+        self.intake.flush()  # the dead letters this step covers, before its offsets move on
         # Only now, with the delta durable, may the offsets move on.
-        self._commit(offsets)
-        self._record(entries, offsets, out, time.perf_counter() - start)
+        self._commit(delta.offsets)
+        self._record(step.entries, delta.offsets, out, time.perf_counter() - step.started)
+        self.pending = None
+        self._in_step = False
         if self.step_no - self.last_checkpoint_step >= self.s.stream.checkpoint_every_steps:
             self.checkpoint()
 
-    def _learn(self, events: Any) -> LearnOutput:
+    def _learn(self, events: Any, step_no: int) -> LearnOutput:
         try:
-            return self.learner.step(events, self.step_no + 1)
+            return self.learner.step(events, step_no)
         except TrainingDivergedError as exc:
             # Nothing was applied; the events stay in the landed data for the nightly.
             self.metrics.diverged.inc()
             log.error("step diverged, skipped", extra={"error": str(exc)})
-            return self.learner.step(events.take(np.zeros(0, np.int64)), self.step_no + 1)
+            return self.learner.step(events.take(np.zeros(0, np.int64)), step_no)
 
     def publish(self, delta: Delta) -> None:
         """Publish, retrying with backoff; the consumer stays in its group meanwhile."""
@@ -334,10 +393,12 @@ class TrainerConsumer:
         The buffer is stepped into the old version first, so the replay covers exactly
         the offsets the old state included; then the new learner takes over.
         """
+        self._finish_step(block=True)
         if self.buffer:
             self._step(self._take(len(self.buffer)))
         bundle, meta = self.registry.load(version)
-        learner = StreamLearner(bundle, self.dataset, self.s.train, version)
+        learner = StreamLearner(bundle, self.dataset, self.s.train, version,
+                                self.s.stream.batch_size)
         replayed = replay_since(self, learner, int(meta["cutoff_ms"]))
         self.learner = learner
         self.metrics.version.info({"version": version})
@@ -358,6 +419,7 @@ class TrainerConsumer:
             self.intake.dlq.close(timeout=5)
         finally:
             self.consumer.close(autocommit=False)
+            self._pool.shutdown(wait=True)
             self._lock.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from prometheus_client import start_http_server
 
 from common.dataset import Dataset
@@ -23,6 +24,8 @@ def run_trainer_daemon(settings: Settings, dataset: Dataset, max_steps: int | No
     if stop is None:
         stop = StopFlag()
         stop.install_signal_handlers()
+    if settings.stream.threads:
+        torch.set_num_threads(settings.stream.threads)
     bootstrap = bootstrap_servers(settings)
     ensure_topics(settings.kafka, bootstrap, [settings.kafka.topic, settings.kafka.dlq_topic])
     metrics = TrainerMetrics()

@@ -7,8 +7,7 @@ before the offsets that cover them are committed (``flush``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from kafka import KafkaProducer
 
@@ -16,8 +15,7 @@ from common.wire import InvalidEventError, WireEvent, decode_event
 from stream.metrics import TrainerMetrics
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One consumed record: its event (None if dead-lettered) and where it was read."""
 
     event: WireEvent | None
@@ -43,13 +41,14 @@ class Intake:
     def decode(self, records: list[Any]) -> list[Entry]:
         """Entries in record order; invalid records are sent to the DLQ with a reason."""
         out = []
+        append, max_bytes = out.append, self.max_bytes
         for rec in records:
             try:
-                event: WireEvent | None = decode_event(rec.value, self.max_bytes)
+                event: WireEvent | None = decode_event(rec.value, max_bytes)
             except InvalidEventError as exc:
                 self._dead_letter(rec, exc.reason)
                 event = None
-            out.append(Entry(event, rec.partition, rec.offset, rec.timestamp))
+            append(Entry(event, rec.partition, rec.offset, rec.timestamp))
         self.metrics.consumed.inc(len(records))
         return out
 

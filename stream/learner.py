@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.bundle import Features, ModelBundle, encode_examples
+from common.bundle import BatchIds, Features, ModelBundle, encode_examples
 from common.dataset import Dataset
 from common.events import Events
 from common.scoring import item_vectors
@@ -41,7 +41,9 @@ class StreamLearner:
     """A model version being nudged by the stream."""
 
     def __init__(self, bundle: ModelBundle, dataset: Dataset, ts: TrainSettings,
-                 version: str) -> None:
+                 version: str, batch_size: int | None = None) -> None:
+        # The stream's own batch size: steps of 128 cost more in overhead than in maths.
+        ts = ts.model_copy(update={"batch_size": batch_size}) if batch_size else ts
         self.bundle, self.ts, self.version = bundle, ts, version
         self.features = Features.build(bundle, dataset.users, dataset.items)
         self.trainer = Trainer(bundle, self.features, ts, mode="embedding")
@@ -57,8 +59,9 @@ class StreamLearner:
         positives = events.sorted_by_time().positives(self.ts.rating_threshold)
         if len(positives) < 2:  # an in-batch softmax over one candidate teaches nothing
             return self._output(len(events), 0, float("nan"), _NO_ROWS, _NO_ROWS)
-        self.bundle.observe(positives)
-        examples = encode_examples(self.bundle, self.features, positives)
+        ids = BatchIds.of(positives)
+        self.bundle.observe(positives, ids)
+        examples = encode_examples(self.bundle, self.features, positives, ids)
         users, items, losses = [], [], []
         for idx in _chunks(len(examples), self.ts.batch_size):
             result = self.trainer.step(examples.take(idx))

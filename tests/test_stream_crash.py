@@ -85,9 +85,11 @@ def test_sigkill_loses_nothing_and_matches_an_uninterrupted_run(
     monitor.start()
     env = stream_env(crash, kafka_bootstrap, topic, **extra)
     rng, kills = random.Random(7), 0
+    started = [reference]
     try:
         while kills < KILLS:
             proc = _daemon(env, tmp_path / "crash.log")
+            started.append(proc)
             target = published.read(version).deltas + rng.randint(1, 3)
 
             def reached(proc: subprocess.Popen = proc, target: int = target) -> bool:
@@ -101,14 +103,16 @@ def test_sigkill_loses_nothing_and_matches_an_uninterrupted_run(
             proc.wait(30)
             kills += 1
         final = _daemon(env, tmp_path / "crash.log")
+        started.append(final)
         assert final.wait(180) == 0, (tmp_path / "crash.log").read_text()[-3000:]
         assert reference.wait(180) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     finally:
         monitor.done.set()
         monitor.join(10)
-        for p in (reference,):
+        for p in started:  # stop what a failed assertion left running, by pid
             if p.poll() is None:
                 p.kill()
+                p.wait(10)
     assert kills >= 5, f"only {kills} kills landed while the trainer ran"
     assert monitor.checks > 50 and monitor.violations == []
     got, want = published.read(version), FilePublisher(ref / "published").read(version)

@@ -182,7 +182,9 @@ def test_stop_during_failed_publish_commits_and_checkpoints_nothing(
     publisher = FailingPublisher(settings.home / "published")
     with Running(settings, world, publisher):
         wait_for(lambda: publisher.attempts >= 2, 60, "failed publishes")
-    assert load_checkpoint(settings.checkpoints_dir / "trainer") is None
+    saved = load_checkpoint(settings.checkpoints_dir / "trainer")
+    # Only the starting point (recorded before anything could be committed) is saved.
+    assert saved is None or (saved[0].step == 0 and saved[0].events_applied == 0)
     assert set(_committed(settings, settings.kafka.partitions).values()) == {None}
     with Running(settings, world, FilePublisher(settings.home / "published")) as trainer:
         wait_for(lambda: _applied(trainer, len(events)), 60, "the replayed events")
