@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench bench-stream clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py --json bench/results/train_throughput.json
+
+bench-stream: $(STAMP)
+	$(BIN)/python bench/stream_throughput.py --events 1000000 --interval 1 \
+		--json bench/results/stream_throughput.json
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

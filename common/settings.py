@@ -125,6 +125,9 @@ class StreamSettings(_Group):
     batch_size: int = Field(
         512, ge=2, description="examples per embedding-only step (the nightly uses "
         "train.batch_size); larger steps keep up with 50k events/s")
+    lr_embedding: float = Field(
+        0.2, gt=0, description="row-wise Adagrad lr of the stream's ID rows, scaled with its "
+        "batch size from the nightly's 0.05 at 128")
     threads: int = Field(1, ge=0, description="torch threads of the trainer daemon; one "
                          "leaves a core to polling and decoding; 0 = torch default")
     checkpoint_every_steps: int = Field(10, ge=1)

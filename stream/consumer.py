@@ -37,7 +37,7 @@ from common.wire import to_events
 from publisher.base import Delta, Publisher, PublishError
 from stream.checkpoint import CheckpointMeta, load_checkpoint, restore_into, save_checkpoint
 from stream.intake import Entry, Intake
-from stream.learner import LearnOutput, StreamLearner
+from stream.learner import LearnOutput, StreamLearner, stream_train_settings
 from stream.metrics import TrainerMetrics
 from stream.rebase import newer_version, replay_since
 from stream.time_index import TimeIndex
@@ -134,8 +134,7 @@ class TrainerConsumer:
 
     def _learner(self, bundle: Any, version: str) -> StreamLearner:
         self.metrics.version.info({"version": version})
-        return StreamLearner(bundle, self.dataset, self.s.train, version,
-                             self.s.stream.batch_size)
+        return StreamLearner(bundle, self.dataset, stream_train_settings(self.s), version)
 
     # Both hooks run on kafka-python's IO thread, where blocking consumer calls (commit,
     # position) are not allowed: they only seek, drop and checkpoint.
@@ -397,8 +396,7 @@ class TrainerConsumer:
         if self.buffer:
             self._step(self._take(len(self.buffer)))
         bundle, meta = self.registry.load(version)
-        learner = StreamLearner(bundle, self.dataset, self.s.train, version,
-                                self.s.stream.batch_size)
+        learner = StreamLearner(bundle, self.dataset, stream_train_settings(self.s), version)
         replayed = replay_since(self, learner, int(meta["cutoff_ms"]))
         self.learner = learner
         self.metrics.version.info({"version": version})

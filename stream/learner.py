@@ -17,7 +17,7 @@ from common.bundle import BatchIds, Features, ModelBundle, encode_examples
 from common.dataset import Dataset
 from common.events import Events
 from common.scoring import item_vectors
-from common.settings import TrainSettings
+from common.settings import Settings, TrainSettings
 from common.training import Trainer
 from common.vocab import COLD_ROW
 
@@ -41,9 +41,7 @@ class StreamLearner:
     """A model version being nudged by the stream."""
 
     def __init__(self, bundle: ModelBundle, dataset: Dataset, ts: TrainSettings,
-                 version: str, batch_size: int | None = None) -> None:
-        # The stream's own batch size: steps of 128 cost more in overhead than in maths.
-        ts = ts.model_copy(update={"batch_size": batch_size}) if batch_size else ts
+                 version: str) -> None:
         self.bundle, self.ts, self.version = bundle, ts, version
         self.features = Features.build(bundle, dataset.users, dataset.items)
         self.trainer = Trainer(bundle, self.features, ts, mode="embedding")
@@ -82,6 +80,16 @@ class StreamLearner:
         item_vecs = item_vectors(self.bundle, self.features, item_ids).numpy()
         return LearnOutput(n_events, n_examples, loss, user_ids, user_vecs, item_ids,
                            item_vecs.astype(np.float32))
+
+
+def stream_train_settings(settings: Settings) -> TrainSettings:
+    """The training knobs with the stream's own batch size and ID-row learning rate.
+
+    Steps of 128 cost more in overhead than in maths at 50k events/s; larger steps with
+    the learning rate scaled alike (0.05 x 512/128) learn as much per event.
+    """
+    return settings.train.model_copy(update={"batch_size": settings.stream.batch_size,
+                                             "lr_embedding": settings.stream.lr_embedding})
 
 
 def _chunks(n: int, size: int) -> list[np.ndarray]:
