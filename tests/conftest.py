@@ -24,25 +24,35 @@ def _docker_answers() -> bool:
         return False
 
 
+def _say(config: pytest.Config, line: str) -> None:
+    """A line in the test run's output (not captured): which broker the run used."""
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if capture is None or reporter is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(f"\n{line}")
+
+
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
+def kafka_bootstrap(pytestconfig: pytest.Config) -> Iterator[str]:
     """Bootstrap servers of a real Kafka-compatible broker for this test session."""
     configured = os.environ.get("RECSTREAM_KAFKA_BOOTSTRAP")
     if configured:
-        print(f"\n[broker] RECSTREAM_KAFKA_BOOTSTRAP={configured}")
+        _say(pytestconfig, f"[broker] RECSTREAM_KAFKA_BOOTSTRAP={configured}")
         yield configured
         return
     if _docker_answers():
         from testcontainers.kafka import KafkaContainer
 
         with KafkaContainer("apache/kafka:3.8.0").with_kraft() as kafka:
-            print("\n[broker] testcontainers apache/kafka")
+            _say(pytestconfig, "[broker] testcontainers apache/kafka:3.8.0")
             yield kafka.get_bootstrap_server()
         return
     from common.broker import EmbeddedBroker
 
     with EmbeddedBroker.start() as broker:
-        print(f"\n[broker] embedded tansu on {broker.bootstrap}")
+        _say(pytestconfig, f"[broker] embedded tansu on {broker.bootstrap}")
         yield broker.bootstrap
 
 
