@@ -38,7 +38,9 @@ def _common(ks: KafkaSettings, bootstrap: str) -> dict[str, Any]:
 def make_producer(ks: KafkaSettings, bootstrap: str, **overrides: Any) -> KafkaProducer:
     """A producer for events or dead letters (batched; acks from the leader)."""
     cfg = _common(ks, bootstrap)
-    cfg.update(acks=1, linger_ms=5, batch_size=256 * 1024,
+    # acks=1 without idempotence: a retried send may duplicate an event, which the
+    # lander drops by event_id and the trainer tolerates (at-least-once).
+    cfg.update(acks=1, enable_idempotence=False, linger_ms=5, batch_size=256 * 1024,
                max_request_size=max(ks.max_message_bytes * 4, 1 << 20))
     cfg.update(overrides)
     return KafkaProducer(**cfg)

@@ -47,3 +47,5 @@ def configure_logging(level: str = "WARNING", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # kafka-python warns about every slow event-loop task; its errors (broker down) stay.
+    logging.getLogger("kafka").setLevel("DEBUG" if level == "DEBUG" else "ERROR")
