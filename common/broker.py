@@ -158,16 +158,36 @@ class EmbeddedBroker:
         self.stop()
 
 
-def recorded_broker(run_dir: Path) -> EmbeddedBroker | None:
-    """The broker recorded in ``run_dir`` if its process is alive and answering."""
+def _is_tansu(pid: int) -> bool:
+    """Whether ``pid`` is still a tansu process (a recorded pid may have been reused)."""
+    try:
+        return b"tansu" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists() and pid_alive(pid)  # no procfs: trust it
+    except OSError:
+        return False
+
+
+def _recorded(run_dir: Path) -> EmbeddedBroker | None:
+    """The broker recorded in ``run_dir`` if its process is alive (answering or not)."""
     try:
         state = json.loads((run_dir / _STATE_FILE).read_text())
         broker = EmbeddedBroker(int(state["pid"]), int(state["port"]))
     except (OSError, ValueError, KeyError):
         return None
-    if pid_alive(broker.pid) and port_answers(broker.host, broker.port):
-        return broker
-    return None
+    return broker if pid_alive(broker.pid) and _is_tansu(broker.pid) else None
+
+
+def recorded_broker(run_dir: Path, timeout_s: float = 5.0) -> EmbeddedBroker | None:
+    """The broker recorded in ``run_dir`` if its process is alive and answering."""
+    broker = _recorded(run_dir)
+    if broker is None:
+        return None
+    try:
+        wait_for_port(broker.host, broker.port, timeout_s, what="tansu broker")
+    except BrokerError:
+        return None
+    return broker
 
 
 def ensure_broker(run_dir: Path) -> EmbeddedBroker:
@@ -179,6 +199,9 @@ def ensure_broker(run_dir: Path) -> EmbeddedBroker:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two daemons starting at once share one broker
         broker = recorded_broker(run_dir)
         if broker is None:
+            stale = _recorded(run_dir)
+            if stale is not None:  # alive but deaf: stop it rather than leak it
+                stale.stop()
             broker = EmbeddedBroker.start(log_path=run_dir / "broker.log", detached=True)
             write_text_atomic(run_dir / _STATE_FILE,
                               json.dumps({"pid": broker.pid, "port": broker.port}))
@@ -187,7 +210,7 @@ def ensure_broker(run_dir: Path) -> EmbeddedBroker:
 
 def stop_recorded_broker(run_dir: Path) -> bool:
     """Stop the home's embedded broker by its recorded pid; False if none was running."""
-    broker = recorded_broker(run_dir)
+    broker = _recorded(run_dir)
     with contextlib.suppress(FileNotFoundError):
         (run_dir / _STATE_FILE).unlink()
     if broker is None:

@@ -127,7 +127,7 @@ def decode_event(raw: bytes | None, max_bytes: int | None = DEFAULT_MAX_BYTES) -
         ts, v = d.get("ts_ms"), d.get("value")
         if (type(e) is str and type(u) is str and type(i) is str
                 and 0 < len(e) <= MAX_ID_CHARS and 0 < len(u) <= MAX_ID_CHARS
-                and 0 < len(i) <= MAX_ID_CHARS and t in EVENT_TYPES
+                and 0 < len(i) <= MAX_ID_CHARS and type(t) is str and t in EVENT_TYPES
                 and type(ts) is int and MIN_TS_MS <= ts < MAX_TS_MS
                 and ((v is None and t != RATING)
                      or ((type(v) is float or type(v) is int) and math.isfinite(v)))):
@@ -143,7 +143,7 @@ def _validate(d: Any) -> WireEvent:
         raise InvalidEventError(f"unknown field: {sorted(unknown)[0][:40]}")
     event_id, user_id, item_id = _id(d, "event_id"), _id(d, "user_id"), _id(d, "item_id")
     event_type = d.get("event_type")
-    if event_type not in EVENT_TYPES:
+    if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
         shown = event_type[:40] if isinstance(event_type, str) else type(event_type).__name__
         raise InvalidEventError(f"unknown event_type: {shown}")
     ts = d.get("ts_ms")

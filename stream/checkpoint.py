@@ -77,21 +77,33 @@ def save_checkpoint(root: Path, bundle: ModelBundle, meta: CheckpointMeta, keep:
                  "events_applied": meta.events_applied, "created_at": time.time(),
                  "files": {f: _sha256(staging / f) for f in _FILES}}
         write_text_atomic(staging / "state.json", json.dumps(state))
-        if final.exists():  # the same step checkpointed twice (shutdown right after one)
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():  # the same step saved again (first sight of a partition, rebase)
+            # Move the old one aside rather than delete it: a crash in between must
+            # still leave a complete checkpoint of this step behind.
+            replaced = root / f".replaced-{final.name}-{uuid.uuid4().hex}"
+            os.rename(final, replaced)
         os.rename(staging, final)
         fsync_dir(root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint in {root}: {exc}") from exc
     for old in sorted(root.glob("ckpt-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in [*root.glob(".staging-*"), *root.glob(".replaced-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-save
     return final
 
 
 def load_checkpoint(root: Path) -> tuple[CheckpointMeta, dict[str, Any]] | None:
     """The newest intact checkpoint as (meta, payload), or None if there is none."""
-    for d in sorted(root.glob("ckpt-*"), reverse=True):
+    # A ".replaced-ckpt-N-…" directory is the previous save of step N when a crash came
+    # between moving it aside and renaming the new one in.
+    candidates = [*root.glob("ckpt-*"), *root.glob(".replaced-ckpt-*")]
+    for d in sorted(candidates, key=lambda p: (int(p.name.split("ckpt-")[1][:12]),
+                                               p.name.startswith("ckpt-")), reverse=True):
         try:
             return _read(d)
         except (OSError, ValueError, KeyError, RuntimeError, VocabError) as exc:

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -39,7 +39,7 @@ from stream.checkpoint import CheckpointMeta, load_checkpoint, restore_into, sav
 from stream.intake import Entry, Intake
 from stream.learner import LearnOutput, StreamLearner, stream_train_settings
 from stream.metrics import TrainerMetrics
-from stream.rebase import newer_version, replay_since
+from stream.rebase import RebaseError, newer_version, replay_since
 from stream.time_index import TimeIndex
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,16 @@ class TrainerConsumer:
         self._in_step = False
         self.pending: PendingStep | None = None
         self.max_steps: int | None = None
+        try:
+            self.consumer = make_consumer(settings.kafka, bootstrap,
+                                          settings.stream.trainer_group)
+            self.intake = Intake(make_producer(settings.kafka, bootstrap),
+                                 settings.kafka.dlq_topic, settings.kafka.max_message_bytes,
+                                 self.metrics)
+        except BaseException:
+            self._lock.close()
+            raise
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner")
-        self.consumer = make_consumer(settings.kafka, bootstrap, settings.stream.trainer_group)
-        self.intake = Intake(make_producer(settings.kafka, bootstrap),
-                             settings.kafka.dlq_topic, settings.kafka.max_message_bytes,
-                             self.metrics)
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -161,9 +166,13 @@ class TrainerConsumer:
     # -- the loop ---------------------------------------------------------------------
 
     def run(self, max_steps: int | None = None) -> None:
-        """Poll, step, publish, commit until stopped (or ``max_steps``); then checkpoint."""
+        """Poll, step, publish, commit until stopped (or ``max_steps``); then checkpoint.
+
+        The checkpoint on the way out is skipped when a step did not finish (publish
+        abandoned, an error mid-step): the learner then holds updates that were never
+        published, and a restart must replay them from the last checkpoint instead.
+        """
         self.consumer.subscribe([self.topic], listener=_Rebalance(self))
-        abandoned = False
         self.max_steps = max_steps
         try:
             while not self.stop.is_set() and not self._enough_steps():
@@ -172,13 +181,16 @@ class TrainerConsumer:
             if self.buffer and not self._enough_steps():
                 self._step(self._take(len(self.buffer)))
         except StepAbandonedError:
-            abandoned = True
             log.warning("stopped with an unpublished step: nothing committed or checkpointed; "
                         "a restart replays it")
         finally:
-            if not abandoned:
-                self.checkpoint()
-            self.close()
+            try:
+                if self.pending is not None:
+                    wait([self.pending.future])  # never save while the learner writes
+                elif not self._in_step:
+                    self.checkpoint()
+            finally:
+                self.close()
 
     def poll_once(self) -> None:
         """One poll and whatever steps, rebases and gauges are due."""
@@ -190,8 +202,9 @@ class TrainerConsumer:
             if self.batch_started is None:
                 self.batch_started = time.monotonic()
         self._finish_step(block=False)
-        if self.pending is not None and self.buffered_events >= 2 * self.s.stream.max_batch_events:
-            self._finish_step(block=True)  # backpressure: the learner is behind
+        if self.pending is not None and self.buffered_events >= self.s.stream.max_batch_events:
+            # The next batch is ready: polling further only takes the GIL from the learner.
+            self._finish_step(block=True)
         if self.pending is None and self._due() and not self._enough_steps():
             self._start_step(self._take(self.s.stream.max_batch_events))
         now = time.monotonic()
@@ -288,13 +301,14 @@ class TrainerConsumer:
             self.checkpoint()
 
     def _learn(self, events: Any, step_no: int) -> LearnOutput:
-        try:
-            return self.learner.step(events, step_no)
-        except TrainingDivergedError as exc:
-            # Nothing was applied; the events stay in the landed data for the nightly.
+        out = self.learner.step(events, step_no)
+        if out.diverged:
+            # The chunks before the bad one were applied and are published with this
+            # step; the rest stay in the landed data for the nightly.
             self.metrics.diverged.inc()
-            log.error("step diverged, skipped", extra={"error": str(exc)})
-            return self.learner.step(events.take(np.zeros(0, np.int64)), step_no)
+            log.error("step diverged; its remaining examples were skipped",
+                      extra={"step": step_no, "applied_examples": out.n_examples})
+        return out
 
     def publish(self, delta: Delta) -> None:
         """Publish, retrying with backoff; the consumer stays in its group meanwhile."""
@@ -315,13 +329,18 @@ class TrainerConsumer:
             return
 
     def keepalive(self) -> None:
-        """Poll with every partition paused: stays in the group, fetches nothing."""
-        assigned = self.consumer.assignment()
-        self.consumer.pause(*assigned)
+        """Poll with every partition paused: stays in the group, learns nothing.
+
+        A rebalance inside this poll may assign partitions that are not paused; whatever
+        it returns for them is pushed back (seek) so that nothing is skipped.
+        """
+        self.consumer.pause(*self.consumer.assignment())
         try:
-            self.consumer.poll(timeout_ms=0)
+            for tp, records in self.consumer.poll(timeout_ms=0).items():
+                if records:
+                    self.consumer.seek(tp, records[0].offset)
         finally:
-            self.consumer.resume(*assigned)
+            self.consumer.resume(*self.consumer.assignment())
 
     def _commit(self, offsets: dict[int, int]) -> None:
         assigned = {tp.partition for tp in self.consumer.assignment()}
@@ -367,6 +386,8 @@ class TrainerConsumer:
         """Save the learned state with the offsets it includes (atomic), if it moved on."""
         if not force and self.step_no == self.last_checkpoint_step:
             return
+        if self.pending is not None:
+            raise RuntimeError("checkpoint while a step is in flight (a bug): refusing")
         if self.time_index.blocks:
             newest = max(b[-1][1] for b in self.time_index.blocks.values() if b)
             self.time_index.prune(newest - int(self.s.stream.time_index_days * 86_400_000))
@@ -378,19 +399,26 @@ class TrainerConsumer:
         self.metrics.last_checkpoint.set(time.time())
 
     def _maybe_rebase(self) -> None:
+        version = None
         try:
             version = newer_version(self.registry, self.learner.version, self._skip_versions)
-        except RegistryError as exc:
-            log.error("cannot read the registry", extra={"error": str(exc)})
-            return
-        if version is not None:
-            self.rebase(version)
+            if version is not None:
+                self.rebase(version)
+        except (RegistryError, RebaseError, TrainingDivergedError) as exc:
+            # The stream carries on with the version it has; the publisher's timeout
+            # decides about the new one.
+            log.error("rebase failed; staying on the current version",
+                      extra={"error": str(exc), "version": self.learner.version})
+            if version is not None:
+                self._skip_versions.add(version)
 
     def rebase(self, version: str) -> None:
         """Load ``version``, replay every consumed event after its cutoff onto it, switch.
 
         The buffer is stepped into the old version first, so the replay covers exactly
-        the offsets the old state included; then the new learner takes over.
+        the offsets the old state included; then the new learner takes over. The
+        publisher hears of it before the checkpoint: after a crash in between, the
+        restart (on the old version) simply rebases again.
         """
         self._finish_step(block=True)
         if self.buffer:
@@ -400,8 +428,8 @@ class TrainerConsumer:
         replayed = replay_since(self, learner, int(meta["cutoff_ms"]))
         self.learner = learner
         self.metrics.version.info({"version": version})
-        self.checkpoint(force=True)
         self.publisher.rebased(version, dict(self.offsets))
+        self.checkpoint(force=True)
         self.metrics.rebases.inc()
         log.info("rebased", extra={"version": version, "replayed_events": replayed})
 

@@ -24,6 +24,10 @@ class Entry(NamedTuple):
     record_ts_ms: int
 
 
+class DeadLetterError(RuntimeError):
+    """The dead-letter topic did not take some rejected records."""
+
+
 def reason_kind(reason: str) -> str:
     """A low-cardinality label for a reject reason (metrics must not explode)."""
     return reason.split(":")[0].split(" ")[0][:40] if reason else "unknown"
@@ -37,6 +41,7 @@ class Intake:
         self.dlq, self.dlq_topic, self.max_bytes, self.metrics = dlq, dlq_topic, max_bytes, \
             metrics
         self.dead_letters = 0
+        self._unacked: list[tuple[Any, tuple[Any, Any, list[tuple[str, bytes]]]]] = []
 
     def decode(self, records: list[Any]) -> list[Entry]:
         """Entries in record order; invalid records are sent to the DLQ with a reason."""
@@ -47,6 +52,9 @@ class Intake:
                 event: WireEvent | None = decode_event(rec.value, max_bytes)
             except InvalidEventError as exc:
                 self._dead_letter(rec, exc.reason)
+                event = None
+            except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the stream
+                self._dead_letter(rec, f"internal: decoder raised {type(exc).__name__}")
                 event = None
             append(Entry(event, rec.partition, rec.offset, rec.timestamp))
         self.metrics.consumed.inc(len(records))
@@ -60,10 +68,24 @@ class Intake:
         if value is not None and len(value) > self.max_bytes:
             value = value[: self.max_bytes]  # keep the head: the DLQ must accept the record
             headers.append(("truncated", b"true"))
-        self.dlq.send(self.dlq_topic, key=rec.key, value=value, headers=headers)
+        letter = (rec.key, value, headers)
+        self._unacked.append((self.dlq.send(self.dlq_topic, key=rec.key, value=value,
+                                            headers=headers), letter))
         self.metrics.rejected.labels(reason_kind(reason)).inc()
         self.dead_letters += 1
 
-    def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until every dead letter sent so far is acknowledged."""
-        self.dlq.flush(timeout=timeout_s)
+    def flush(self, timeout_s: float = 30.0, attempts: int = 3) -> None:
+        """Wait until every dead letter sent so far is acknowledged, re-sending failures;
+        raises ``DeadLetterError`` if some still fail (their offsets must not be committed).
+        """
+        for _ in range(attempts):
+            self.dlq.flush(timeout=timeout_s)
+            # Not acknowledged within the timeout counts as failed: a duplicate dead letter
+            # is harmless, a lost one is not.
+            failed = [letter for future, letter in self._unacked if not future.succeeded()]
+            self._unacked = [(self.dlq.send(self.dlq_topic, key=k, value=v, headers=h),
+                              (k, v, h)) for k, v, h in failed]
+            if not self._unacked:
+                return
+        raise DeadLetterError(f"{len(self._unacked)} dead letters were not acknowledged by "
+                              f"{self.dlq_topic}")

@@ -18,7 +18,7 @@ from common.dataset import Dataset
 from common.events import Events
 from common.scoring import item_vectors
 from common.settings import Settings, TrainSettings
-from common.training import Trainer
+from common.training import Trainer, TrainingDivergedError
 from common.vocab import COLD_ROW
 
 _NO_ROWS = np.zeros(0, np.int64)
@@ -35,6 +35,7 @@ class LearnOutput:
     user_vectors: np.ndarray  # raw ID embeddings, float32
     item_ids: list[str]
     item_vectors: np.ndarray  # item tower outputs, float32
+    diverged: bool = False  # a chunk's loss was NaN/inf or too large: the rest was skipped
 
 
 class StreamLearner:
@@ -56,21 +57,28 @@ class StreamLearner:
         torch.manual_seed(self.ts.seed * 1_000_003 + step_no)
         positives = events.sorted_by_time().positives(self.ts.rating_threshold)
         if len(positives) < 2:  # an in-batch softmax over one candidate teaches nothing
-            return self._output(len(events), 0, float("nan"), _NO_ROWS, _NO_ROWS)
+            return self._output(len(events), 0, float("nan"), _NO_ROWS, _NO_ROWS, False)
         ids = BatchIds.of(positives)
         self.bundle.observe(positives, ids)
         examples = encode_examples(self.bundle, self.features, positives, ids)
-        users, items, losses = [], [], []
+        users, items, losses = [_NO_ROWS], [_NO_ROWS], []
+        diverged, applied = False, 0
         for idx in _chunks(len(examples), self.ts.batch_size):
-            result = self.trainer.step(examples.take(idx))
+            try:
+                result = self.trainer.step(examples.take(idx))
+            except TrainingDivergedError:
+                diverged = True  # this chunk changed nothing; the earlier ones did
+                break
             users.append(result.user_rows)
             items.append(result.item_rows)
             losses.append(result.loss)
-        return self._output(len(events), len(examples), float(np.mean(losses)),
-                            np.unique(np.concatenate(users)), np.unique(np.concatenate(items)))
+            applied += len(idx)
+        return self._output(len(events), applied, float(np.mean(losses)) if losses
+                            else float("nan"), np.unique(np.concatenate(users)),
+                            np.unique(np.concatenate(items)), diverged)
 
     def _output(self, n_events: int, n_examples: int, loss: float, user_rows: np.ndarray,
-                item_rows: np.ndarray) -> LearnOutput:
+                item_rows: np.ndarray, diverged: bool) -> LearnOutput:
         # The shared cold row is not anyone's embedding: it is not published per id.
         user_rows, item_rows = user_rows[user_rows != COLD_ROW], item_rows[item_rows != COLD_ROW]
         user_ids = self.bundle.user_vocab.ids_of(user_rows)
@@ -79,7 +87,7 @@ class StreamLearner:
         user_vecs = weight.index_select(0, torch.from_numpy(user_rows)).numpy().astype(np.float32)
         item_vecs = item_vectors(self.bundle, self.features, item_ids).numpy()
         return LearnOutput(n_events, n_examples, loss, user_ids, user_vecs, item_ids,
-                           item_vecs.astype(np.float32))
+                           item_vecs.astype(np.float32), diverged)
 
 
 def stream_train_settings(settings: Settings) -> TrainSettings:

@@ -18,7 +18,7 @@ from kafka import TopicPartition
 
 from common.kafka_clients import make_consumer
 from common.registry import CorruptVersionError, Registry
-from common.wire import InvalidEventError, WireEvent, decode_event, to_events
+from common.wire import WireEvent, decode_event, to_events
 from publisher.base import Delta
 from stream.learner import StreamLearner
 
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from stream.consumer import TrainerConsumer
 
 log = logging.getLogger(__name__)
+
+
+class RebaseError(RuntimeError):
+    """The replay onto a new version could not complete; the version is not switched to."""
 _IDLE_GIVE_UP_S = 30.0
 REBASE_KINDS = ("nightly",)
 
@@ -78,7 +82,9 @@ def _drain(owner: TrainerConsumer, learner: StreamLearner, reader: object,
            ranges: dict[TopicPartition, tuple[int, int]], cutoff_ms: int) -> int:
     pending: list[WireEvent] = []
     done: set[TopicPartition] = set()
-    replayed, last_data, last_alive = 0, time.monotonic(), time.monotonic()
+    # What the new version includes so far: the start of each range, then past each read.
+    reached = {tp.partition: start for tp, (start, _) in ranges.items()}
+    replayed, batches, last_data, last_alive = 0, 0, time.monotonic(), time.monotonic()
     max_bytes, batch = owner.s.kafka.max_message_bytes, owner.s.stream.max_batch_events
     while len(done) < len(ranges):
         for tp, records in reader.poll(timeout_ms=200).items():  # type: ignore[attr-defined]
@@ -87,30 +93,33 @@ def _drain(owner: TrainerConsumer, learner: StreamLearner, reader: object,
             for r in records:
                 if r.offset >= end:
                     break
+                reached[tp.partition] = r.offset + 1
                 try:
                     event = decode_event(r.value, max_bytes)
-                except InvalidEventError:
-                    continue  # dead-lettered when first consumed
+                except Exception:  # noqa: BLE001 - dead-lettered when first consumed
+                    continue
                 if event.ts_ms >= cutoff_ms:
                     pending.append(event)
             if reader.position(tp) >= end:  # type: ignore[attr-defined]
                 done.add(tp)
         if len(pending) >= batch or (pending and len(done) == len(ranges)):
-            replayed += _apply(owner, learner, pending)
+            batches += 1
+            replayed += _apply(owner, learner, pending, reached, batches)
             pending = []
         if time.monotonic() - last_alive > 1.0:
             owner.keepalive()
             last_alive = time.monotonic()
         if time.monotonic() - last_data > _IDLE_GIVE_UP_S:
-            log.error("rebase replay stalled (broker lost data?); continuing with what it read",
-                      extra={"replayed": replayed})
-            break
-    return replayed + (_apply(owner, learner, pending) if pending else 0)
+            raise RebaseError(f"replay onto {learner.version} stalled after {replayed} events "
+                              "(did the broker lose data?)")
+    return replayed + (_apply(owner, learner, pending, reached, batches + 1) if pending else 0)
 
 
-def _apply(owner: TrainerConsumer, learner: StreamLearner, events: list[WireEvent]) -> int:
-    out = learner.step(to_events(events), owner.step_no)
+def _apply(owner: TrainerConsumer, learner: StreamLearner, events: list[WireEvent],
+           reached: dict[int, int], batch_no: int) -> int:
+    # Seeded apart from the live steps' numbers so grown rows differ between batches.
+    out = learner.step(to_events(events), -batch_no)
     owner.publish(Delta(learner.version, out.user_ids, out.user_vectors, out.item_ids,
-                        out.item_vectors, dict(owner.offsets),
-                        max(e.ts_ms for e in events), owner.step_no))
+                        out.item_vectors, dict(reached), max(e.ts_ms for e in events),
+                        owner.step_no))
     return len(events)

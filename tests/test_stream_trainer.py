@@ -256,3 +256,46 @@ def test_a_rebalance_checkpoints_and_loses_or_repeats_nothing(
         wait_for(lambda: _applied(trainer, 800), 90, "every event after the rebalance")
         assert trainer.events_applied == 800
     assert sum(trainer.offsets.values()) == 800
+
+
+class BrokenPublisher(FilePublisher):
+    """Raises an unexpected error (not a PublishError) on the second publish."""
+
+    def publish_delta(self, delta: Delta) -> None:
+        if delta.step >= 2:
+            raise RuntimeError("injected: a bug in the store client")
+        super().publish_delta(delta)
+
+
+def test_an_unexpected_error_mid_step_saves_nothing_unpublished(
+        settings: Settings, world: SyntheticData) -> None:
+    produce(settings.kafka.bootstrap, settings.kafka.topic, _day(world, 2).take(np.arange(800)))
+    trainer = TrainerConsumer(settings, world.dataset, BrokenPublisher(settings.home / "p"),
+                              settings.kafka.bootstrap)
+    with pytest.raises(RuntimeError, match="injected"):
+        trainer.run()
+    saved = load_checkpoint(settings.checkpoints_dir / "trainer")
+    assert saved is not None and saved[0].step <= 1  # never the step that was not published
+    # The lock was released: a new trainer can take over and finish the job.
+    with Running(settings, world, FilePublisher(settings.home / "p")) as again:
+        wait_for(lambda: _applied(again, 800), 60, "the replayed events")
+
+
+def test_a_diverging_step_changes_nothing_and_the_stream_moves_on(
+        tmp_path: Path, kafka_bootstrap: str, topic: str, world: SyntheticData) -> None:
+    settings = stream_settings(tmp_path, kafka_bootstrap, topic,
+                               RECSTREAM_STREAM_UPDATE_INTERVAL_S="0.5",
+                               RECSTREAM_TRAIN_MAX_LOSS="1e-9")  # every loss "diverges"
+    bootstrap_champion(settings.with_overrides(train={"max_loss": 1e4}), world.dataset,
+                       int(world.day_start_ms[2]))
+    before = Registry(settings.models_dir).load("champion")[0].model.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    produce(kafka_bootstrap, topic, _day(world, 2).take(np.arange(300)))
+    with Running(settings, world, FilePublisher(tmp_path / "published")) as trainer:
+        wait_for(lambda: _applied(trainer, 300), 60, "the events to be processed")
+    assert trainer.metrics.diverged._value.get() >= 1
+    after = trainer.learner.bundle.model.state_dict()
+    for name, tensor in before.items():  # new ids may have grown rows; old rows are as were
+        now = after[name] if tensor.dim() == 0 else after[name][: len(tensor)]
+        assert torch.equal(tensor, now), f"{name} changed"
+    assert sum(v or 0 for v in _committed(settings, settings.kafka.partitions).values()) == 300

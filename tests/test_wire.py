@@ -50,6 +50,8 @@ def test_valid_events_decode(changes: dict[str, object], value: float | None) ->
     (_raw(user_id=...), "missing field: user_id"),
     (_raw(event_type="purchase"), "unknown event_type: purchase"),
     (_raw(event_type=None), "unknown event_type: NoneType"),
+    (_raw(event_type=["click"]), "unknown event_type: list"),
+    (_raw(event_type={"a": 1}), "unknown event_type: dict"),
     (_raw(ts_ms="yesterday"), "ts_ms must be an integer"),
     (_raw(ts_ms=True), "ts_ms must be an integer"),
     (_raw(ts_ms=1.7e12), "ts_ms must be an integer"),
