@@ -12,17 +12,13 @@ Invariants, enforced in ``_step``:
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-import numpy as np
 from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
@@ -38,16 +34,12 @@ from publisher.base import Delta, Publisher, PublishError
 from stream.checkpoint import CheckpointMeta, load_checkpoint, restore_into, save_checkpoint
 from stream.intake import Entry, Intake
 from stream.learner import LearnOutput, StreamLearner, stream_train_settings
+from stream.lock import exclusive_lock
 from stream.metrics import TrainerMetrics
 from stream.rebase import RebaseError, newer_version, replay_since
 from stream.time_index import TimeIndex
 
 log = logging.getLogger(__name__)
-_FRESHNESS_SAMPLES = 200  # per step into the histogram (observing every event costs ~5%)
-
-
-class TrainerLockedError(RuntimeError):
-    """Another trainer process already owns this home's checkpoints."""
 
 
 class StepAbandonedError(RuntimeError):
@@ -87,7 +79,7 @@ class TrainerConsumer:
         self.stop = stop or StopFlag()
         self.registry = Registry(settings.models_dir)
         self.ckpt_dir = settings.checkpoints_dir / "trainer"
-        self._lock = _exclusive(self.ckpt_dir)
+        self._lock = exclusive_lock(self.ckpt_dir)
         self.topic = settings.kafka.topic
         self.buffer: deque[Entry] = deque()
         self.buffered_events = 0
@@ -357,8 +349,7 @@ class TrainerConsumer:
         now_ms = time.time() * 1000
         fresh = [(now_ms - e.record_ts_ms) / 1000 for e in entries if e.event is not None]
         self.freshness.extend(fresh)
-        for x in fresh[:: max(1, len(fresh) // _FRESHNESS_SAMPLES)]:
-            self.metrics.freshness.observe(x)
+        self.metrics.observe_freshness(fresh)
         first: dict[int, int] = {}
         max_ts: dict[int, int] = {}
         for e in entries:
@@ -370,15 +361,8 @@ class TrainerConsumer:
         self.offsets = offsets
         self.step_no += 1
         self.events_applied += len(fresh)
-        m = self.metrics
-        m.steps.inc()
-        m.applied.inc(len(fresh))
-        m.step_seconds.observe(seconds)
-        m.examples_per_s.set(out.n_examples / max(seconds, 1e-9))
-        m.touched.labels("user").observe(len(out.user_ids))
-        m.touched.labels("item").observe(len(out.item_ids))
-        if np.isfinite(out.loss):
-            m.loss.set(out.loss)
+        self.metrics.record_step(len(fresh), seconds, out.n_examples, len(out.user_ids),
+                                 len(out.item_ids), out.loss)
 
     # -- checkpoints, rebase, gauges, shutdown ------------------------------------------
 
@@ -447,22 +431,3 @@ class TrainerConsumer:
             self.consumer.close(autocommit=False)
             self._pool.shutdown(wait=True)
             self._lock.close()
-
-
-def _exclusive(ckpt_dir: Path) -> TextIO:
-    """Hold the checkpoint directory's lock for the process lifetime: two trainers on
-    one home would overwrite each other's checkpoints."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(ckpt_dir / ".lock", "a+")  # noqa: SIM115 - held until close()
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "?"
-        fh.close()
-        raise TrainerLockedError(f"another stream trainer (pid {holder}) holds {ckpt_dir}; "
-                                 "run one trainer per RECSTREAM_HOME") from None
-    fh.truncate(0)
-    fh.write(str(os.getpid()))
-    fh.flush()
-    return fh

@@ -21,7 +21,8 @@ from common.synthetic import SyntheticConfig, SyntheticData, generate
 from publisher.base import Delta, PublishError
 from publisher.files import FilePublisher
 from stream.checkpoint import load_checkpoint
-from stream.consumer import TrainerConsumer, TrainerLockedError
+from stream.consumer import TrainerConsumer
+from stream.lock import TrainerLockedError
 
 WORLD = SyntheticConfig(n_users=300, n_items=150, n_clusters=5, n_days=4, events_per_day=1500,
                         seed=3)
