@@ -3,6 +3,7 @@ the commit-after-publish rule, restarts from checkpoints and the rebase."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -300,3 +301,27 @@ def test_a_diverging_step_changes_nothing_and_the_stream_moves_on(
         now = after[name] if tensor.dim() == 0 else after[name][: len(tensor)]
         assert torch.equal(tensor, now), f"{name} changed"
     assert sum(v or 0 for v in _committed(settings, settings.kafka.partitions).values()) == 300
+
+
+def test_a_crash_right_after_a_rebase_rebases_again_on_restart(
+        settings: Settings, world: SyntheticData) -> None:
+    day2, day3 = _day(world, 2).take(np.arange(600)), _day(world, 3).take(np.arange(400))
+    produce(settings.kafka.bootstrap, settings.kafka.topic, day2)
+    produce(settings.kafka.bootstrap, settings.kafka.topic, day3)
+    publisher = FilePublisher(settings.home / "published")
+    with Running(settings, world, publisher) as trainer:
+        wait_for(lambda: _applied(trainer, 1000), 90, "days 2 and 3")
+        before_rebase = sorted((settings.checkpoints_dir / "trainer").glob("ckpt-*"))[-1]
+        saved_state = (before_rebase / "state.json").read_text()
+        nightly = nightly_job(settings, world.dataset, int(world.day_start_ms[2]))
+        wait_for(lambda: trainer.learner.version == nightly.version, 90, "the rebase")
+    # The crash: the rebase's checkpoint never made it; only the one before is on disk.
+    for d in (settings.checkpoints_dir / "trainer").glob("ckpt-*"):
+        if (d / "state.json").read_text() != saved_state:
+            shutil.rmtree(d)
+    (settings.home / "published" / nightly.version / "rebased.json").unlink()
+    with Running(settings, world, publisher) as again:
+        wait_for(lambda: publisher.is_rebased(nightly.version), 90, "the rebase after restart")
+        wait_for(lambda: _applied(again, 1000), 90, "the rest of the events, onto the new one")
+        assert again.learner.version == nightly.version
+    assert again.events_applied == 1000 and sum(again.offsets.values()) == 1000
