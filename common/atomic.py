@@ -12,11 +12,15 @@ A reader sees either the old file or the new one, never a torn write.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import numpy as np
 
 
 def fsync_dir(path: Path) -> None:
@@ -59,3 +63,19 @@ def write_with_atomic(path: Path, writer: Callable[[BinaryIO], None]) -> None:
     """Atomically write ``path`` with a callback that writes into an open binary file."""
     with atomic_writer(path) as fh:
         writer(fh)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in blocks (checksums in version and checkpoint metadata)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    """A numpy archive (no pickle) in memory, ready for ``write_bytes_atomic``."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()

@@ -13,6 +13,7 @@ the others find it there. ``stop_recorded_broker`` stops it by that pid.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -193,8 +194,6 @@ def recorded_broker(run_dir: Path, timeout_s: float = 5.0) -> EmbeddedBroker | N
 def ensure_broker(run_dir: Path) -> EmbeddedBroker:
     """The home's shared embedded broker, started (detached) if none is running."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    import fcntl
-
     with open(run_dir / ".broker.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two daemons starting at once share one broker
         broker = recorded_broker(run_dir)

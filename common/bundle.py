@@ -114,7 +114,7 @@ def encode_examples(bundle: ModelBundle, features: Features, positives: Events,
         user_feat=users.spread(features.users.rows(users.values)),
         item_rows=items.spread(bundle.item_vocab.lookup(items.values)),
         item_feat=items.spread(features.items.rows(items.values)),
-        item_keys=items.spread(stable_hash(items.values)).astype(np.uint64),
+        item_keys=items.spread(stable_hash(items.values)),
         ts_ms=positives.ts_ms.copy(),
     )
 

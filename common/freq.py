@@ -34,7 +34,6 @@ def stable_hash(ids: Iterable[str]) -> np.ndarray:
          for i in ids), dtype=np.uint64)
 
 
-
 class FrequencyEstimator:
     """Per-batch appearance probability of items, learned from the stream of batches."""
 

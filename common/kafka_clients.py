@@ -13,6 +13,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from prometheus_client import Gauge
 
 from common.broker import ensure_broker
 from common.settings import KafkaSettings, Settings
@@ -83,3 +84,13 @@ def ensure_topics(ks: KafkaSettings, bootstrap: str, names: list[str],
                                               replication_factor=1) for n in missing])
     finally:
         admin.close()
+
+
+def record_lag(consumer: KafkaConsumer, gauge: Gauge) -> None:
+    """Set ``gauge{partition}`` to highwater - position for each assigned partition (never
+    from end_offsets(): ListOffsets is wrong on the embedded broker)."""
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)  # unknown until the first fetch response
+        position = consumer.position(tp) if high is not None else None
+        if position is not None:
+            gauge.labels(str(tp.partition)).set(max(high - position, 0))

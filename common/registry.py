@@ -14,7 +14,6 @@ weights with ``weights_only=True``, so a partial or tampered version is refused.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -29,7 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.atomic import fsync_dir, write_bytes_atomic, write_text_atomic
+from common.atomic import (
+    fsync_dir,
+    npz_bytes,
+    sha256_file,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from common.bundle import ModelBundle
 from common.features import FeatureEncoder
 from common.freq import FrequencyEstimator
@@ -51,20 +56,6 @@ class VersionNotFoundError(RegistryError):
 
 class CorruptVersionError(RegistryError):
     """A version's files are missing, partial or do not match their checksums."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _npz_bytes(**arrays: Any) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 class Registry:
@@ -94,7 +85,7 @@ class Registry:
             self._write_bundle(staging, bundle)
             meta = {"kind": kind, "parent": parent, "cutoff_ms": int(cutoff_ms),
                     "created_at": time.time(), "metrics": metrics, "config_hash": config_hash,
-                    "files": {f: _sha256(staging / f) for f in _FILES}, **(extra or {})}
+                    "files": {f: sha256_file(staging / f) for f in _FILES}, **(extra or {})}
             with self._locked():
                 version = self._next_version()
                 meta["version"] = version
@@ -120,7 +111,7 @@ class Registry:
         b.item_vocab.save(d / "item_vocab.npz")
         write_text_atomic(d / "encoders.json", json.dumps(
             {"user": b.user_encoder.to_dict(), "item": b.item_encoder.to_dict()}))
-        write_bytes_atomic(d / "freq.npz", _npz_bytes(item_counts=b.item_counts,
+        write_bytes_atomic(d / "freq.npz", npz_bytes(item_counts=b.item_counts,
                                                       **b.freq.state_dict()))
 
     def versions(self) -> list[str]:
@@ -163,7 +154,7 @@ class Registry:
         for name, digest in meta.get("files", {}).items():
             if not (d / name).exists():
                 raise CorruptVersionError(f"model version {version} is missing {name}")
-            if _sha256(d / name) != digest:
+            if sha256_file(d / name) != digest:
                 raise CorruptVersionError(
                     f"model version {version}: {name} does not match its checksum "
                     "(corrupt or tampered); refusing to load it")

@@ -35,6 +35,15 @@ class StopFlag:
     def wait(self, timeout: float) -> bool:
         return self._event.wait(timeout)
 
+    @classmethod
+    def for_daemon(cls, stop: StopFlag | None) -> StopFlag:
+        """``stop`` if a caller (a test) supplies one, else a flag set by SIGTERM/SIGINT."""
+        if stop is not None:
+            return stop
+        flag = cls()
+        flag.install_signal_handlers()
+        return flag
+
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT request a stop (main thread only)."""
 

@@ -15,26 +15,13 @@ never seen) map to it until they earn a row of their own.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 COLD_ROW = 0
-
-
-def map_distinct(ids: np.ndarray, resolve: Callable[[list[str]], np.ndarray],
-                 dtype: type = np.int64) -> np.ndarray:
-    """``resolve`` applied once per distinct id and spread back over ``ids``.
-
-    >>> map_distinct(np.array(["b", "a", "b"], dtype=object), lambda u: np.arange(len(u)))
-    array([1, 0, 1])
-    """
-    if len(ids) == 0:
-        return np.zeros(0, dtype=dtype)
-    uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
-    return resolve(uniq.tolist())[inverse]
 
 
 @dataclass(frozen=True)
@@ -127,7 +114,8 @@ class IdVocab:
 
     def lookup_many(self, ids: np.ndarray) -> np.ndarray:
         """Like ``lookup`` but resolves each distinct id once (fast for long arrays)."""
-        return map_distinct(ids, self.lookup)
+        distinct = Distinct.of(ids)
+        return distinct.spread(self.lookup(distinct.values))
 
     def save(self, path: Path) -> None:
         """Write as a numpy archive (no pickle); callers rename it into place."""

@@ -26,6 +26,7 @@ from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, NamedTuple
 
 import numpy as np
+from orjson import loads as _loads  # ~4x faster than json.loads on a record
 
 from common.events import CLICK, RATING, Events
 
@@ -41,10 +42,6 @@ _PLAIN = frozenset({"event_id", "user_id", "item_id", "event_type", "value", "ts
 _KNOWN = _PLAIN | {"context"}
 DEFAULT_MAX_BYTES = 64 * 1024
 
-try:  # orjson parses a record ~4x faster; the standard library is the fallback
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover - orjson is a dependency, but keep working without
-    from json import loads as _loads
 
 
 class InvalidEventError(ValueError):

@@ -14,7 +14,6 @@ without Redis; the Redis/FAISS publisher replaces it in production.
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import write_bytes_atomic, write_text_atomic
+from common.atomic import npz_bytes, write_bytes_atomic, write_text_atomic
 from publisher.base import Delta, PublishError
 
 
@@ -55,18 +54,18 @@ class FilePublisher:
         return self._seq[version]
 
     def publish_delta(self, delta: Delta) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, user_ids=np.asarray(delta.user_ids, dtype=str),
-                 user_vectors=delta.user_vectors.astype(np.float32),
-                 item_ids=np.asarray(delta.item_ids, dtype=str),
-                 item_vectors=delta.item_vectors.astype(np.float32),
-                 meta=np.asarray(json.dumps({
-                     "offsets": {str(p): o for p, o in delta.offsets.items()},
-                     "max_event_ts_ms": delta.max_event_ts_ms, "step": delta.step})))
+        data = npz_bytes(
+            user_ids=np.asarray(delta.user_ids, dtype=str),
+            user_vectors=delta.user_vectors.astype(np.float32),
+            item_ids=np.asarray(delta.item_ids, dtype=str),
+            item_vectors=delta.item_vectors.astype(np.float32),
+            meta=np.asarray(json.dumps({
+                "offsets": {str(p): o for p, o in delta.offsets.items()},
+                "max_event_ts_ms": delta.max_event_ts_ms, "step": delta.step})))
         with self._lock:
             path = self._dir(delta.version) / f"{self._next_seq(delta.version):012d}.npz"
             try:
-                write_bytes_atomic(path, buf.getvalue())
+                write_bytes_atomic(path, data)
             except OSError as exc:
                 raise PublishError(f"cannot write delta {path}: {exc}") from exc
 

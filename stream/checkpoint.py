@@ -9,7 +9,6 @@ match their checksums, so a torn or tampered one falls back to the one before.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -24,7 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.atomic import fsync_dir, write_bytes_atomic, write_text_atomic
+from common.atomic import (
+    fsync_dir,
+    npz_bytes,
+    sha256_file,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from common.bundle import ModelBundle
 from common.freq import FrequencyEstimator
 from common.vocab import IdVocab, VocabError
@@ -50,10 +55,6 @@ class CheckpointMeta:
     created_at: float = 0.0
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_checkpoint(root: Path, bundle: ModelBundle, meta: CheckpointMeta, keep: int) -> Path:
     """Write a checkpoint atomically; older ones beyond ``keep`` are removed."""
     root.mkdir(parents=True, exist_ok=True)
@@ -68,14 +69,13 @@ def save_checkpoint(root: Path, bundle: ModelBundle, meta: CheckpointMeta, keep:
         write_bytes_atomic(staging / "tables.pt", buf.getvalue())
         bundle.user_vocab.save(staging / "user_vocab.npz")
         bundle.item_vocab.save(staging / "item_vocab.npz")
-        buf = io.BytesIO()
-        np.savez(buf, item_counts=bundle.item_counts, **bundle.freq.state_dict())
-        write_bytes_atomic(staging / "freq.npz", buf.getvalue())
+        write_bytes_atomic(staging / "freq.npz", npz_bytes(item_counts=bundle.item_counts,
+                                                            **bundle.freq.state_dict()))
         state = {"base_version": meta.base_version, "step": meta.step,
                  "offsets": {str(p): o for p, o in meta.offsets.items()},
                  "time_index": meta.time_index.to_dict(),
                  "events_applied": meta.events_applied, "created_at": time.time(),
-                 "files": {f: _sha256(staging / f) for f in _FILES}}
+                 "files": {f: sha256_file(staging / f) for f in _FILES}}
         write_text_atomic(staging / "state.json", json.dumps(state))
         replaced = None
         if final.exists():  # the same step saved again (first sight of a partition, rebase)
@@ -115,7 +115,7 @@ def load_checkpoint(root: Path) -> tuple[CheckpointMeta, dict[str, Any]] | None:
 def _read(d: Path) -> tuple[CheckpointMeta, dict[str, Any]]:
     state = json.loads((d / "state.json").read_text())
     for name, digest in state["files"].items():
-        if _sha256(d / name) != digest:
+        if sha256_file(d / name) != digest:
             raise CheckpointError(f"{d / name} does not match its checksum")
     with np.load(d / "freq.npz", allow_pickle=False) as z:
         freq_state = {k: z[k] for k in z.files}

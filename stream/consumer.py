@@ -24,7 +24,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from common.dataset import Dataset
-from common.kafka_clients import make_consumer, make_producer
+from common.kafka_clients import make_consumer, make_producer, record_lag
 from common.registry import Registry, RegistryError
 from common.settings import Settings
 from common.shutdown import StopFlag
@@ -79,7 +79,6 @@ class TrainerConsumer:
         self.stop = stop or StopFlag()
         self.registry = Registry(settings.models_dir)
         self.ckpt_dir = settings.checkpoints_dir / "trainer"
-        self._lock = exclusive_lock(self.ckpt_dir)
         self.topic = settings.kafka.topic
         self.buffer: deque[Entry] = deque()
         self.buffered_events = 0
@@ -88,27 +87,24 @@ class TrainerConsumer:
         self.step_no = self.events_applied = 0
         self.offsets: dict[int, int] = {}
         self.time_index = TimeIndex()
+        self._lock = exclusive_lock(self.ckpt_dir)
         try:
-            self.learner = self._restore()
+            self._start(settings, bootstrap)
         except BaseException:
             self._lock.close()
             raise
+
+    def _start(self, settings: Settings, bootstrap: str) -> None:
+        self.learner = self._restore()
         self.last_checkpoint_step = self.step_no
         self._next_rebase_check = 0.0
         self._next_lag_update = 0.0
         self._skip_versions: set[str] = set()
-        self._in_step = False
         self.pending: PendingStep | None = None
         self.max_steps: int | None = None
-        try:
-            self.consumer = make_consumer(settings.kafka, bootstrap,
-                                          settings.stream.trainer_group)
-            self.intake = Intake(make_producer(settings.kafka, bootstrap),
-                                 settings.kafka.dlq_topic, settings.kafka.max_message_bytes,
-                                 self.metrics)
-        except BaseException:
-            self._lock.close()
-            raise
+        self.consumer = make_consumer(settings.kafka, bootstrap, settings.stream.trainer_group)
+        self.intake = Intake(make_producer(settings.kafka, bootstrap), settings.kafka.dlq_topic,
+                             settings.kafka.max_message_bytes, self.metrics)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner")
 
     # -- start-up ---------------------------------------------------------------------
@@ -152,7 +148,7 @@ class TrainerConsumer:
         self.buffer.clear()
         self.buffered_events = 0
         self.batch_started = None
-        if not self._in_step:  # mid-step the learner holds an unpublished update
+        if self.pending is None:  # mid-step the learner holds an unpublished update
             self.checkpoint()
 
     # -- the loop ---------------------------------------------------------------------
@@ -179,7 +175,7 @@ class TrainerConsumer:
             try:
                 if self.pending is not None:
                     wait([self.pending.future])  # never save while the learner writes
-                elif not self._in_step:
+                else:
                     self.checkpoint()
             finally:
                 self.close()
@@ -255,7 +251,6 @@ class TrainerConsumer:
         offsets = dict(self.offsets)
         for e in entries:
             offsets[e.partition] = e.offset + 1  # entries are in offset order per partition
-        self._in_step = True
         self.pending = PendingStep(entries, offsets, time.perf_counter(), self._pool.submit(
             self._learn_and_publish, entries, offsets, self.step_no + 1))
 
@@ -277,18 +272,15 @@ class TrainerConsumer:
         if step is None or (not block and not step.future.done()):
             return
         out, delta, error = step.future.result()
-        if error is not None:
-            self.metrics.publish_failures.inc()
-            log.warning("publish failed, retrying", extra={"error": str(error)})
-            self.publish(delta)
-        else:
+        if error is None:
             self.metrics.last_publish.set(time.time())
+        else:
+            self.publish(delta, error)
         self.intake.flush()  # the dead letters this step covers, before its offsets move on
         # Only now, with the delta durable, may the offsets move on.
         self._commit(delta.offsets)
         self._record(step.entries, delta.offsets, out, time.perf_counter() - step.started)
         self.pending = None
-        self._in_step = False
         if self.step_no - self.last_checkpoint_step >= self.s.stream.checkpoint_every_steps:
             self.checkpoint()
 
@@ -302,23 +294,26 @@ class TrainerConsumer:
                       extra={"step": step_no, "applied_examples": out.n_examples})
         return out
 
-    def publish(self, delta: Delta) -> None:
-        """Publish, retrying with backoff; the consumer stays in its group meanwhile."""
+    def publish(self, delta: Delta, error: PublishError | None = None) -> None:
+        """Publish (after ``error``, publish again) with backoff until it succeeds; the
+        consumer stays in its group meanwhile."""
         delay = 0.5
         while True:
-            try:
-                self.publisher.publish_delta(delta)
-            except PublishError as exc:
-                self.metrics.publish_failures.inc()
-                log.warning("publish failed, retrying", extra={"error": str(exc),
-                                                               "retry_in_s": delay})
-                self.keepalive()
-                if self.stop.wait(delay):
-                    raise StepAbandonedError(str(exc)) from exc
-                delay = min(delay * 2, 30.0)
-                continue
-            self.metrics.last_publish.set(time.time())
-            return
+            if error is None:
+                try:
+                    self.publisher.publish_delta(delta)
+                except PublishError as exc:
+                    error = exc
+                else:
+                    self.metrics.last_publish.set(time.time())
+                    return
+            self.metrics.publish_failures.inc()
+            log.warning("publish failed, retrying", extra={"error": str(error),
+                                                           "retry_in_s": delay})
+            self.keepalive()
+            if self.stop.wait(delay):
+                raise StepAbandonedError(str(error)) from error
+            delay, error = min(delay * 2, 30.0), None
 
     def keepalive(self) -> None:
         """Poll with every partition paused: stays in the group, learns nothing.
@@ -372,9 +367,7 @@ class TrainerConsumer:
             return
         if self.pending is not None:
             raise RuntimeError("checkpoint while a step is in flight (a bug): refusing")
-        if self.time_index.blocks:
-            newest = max(b[-1][1] for b in self.time_index.blocks.values() if b)
-            self.time_index.prune(newest - int(self.s.stream.time_index_days * 86_400_000))
+        self.time_index.prune(int(self.s.stream.time_index_days * 86_400_000))
         meta = CheckpointMeta(self.learner.version, self.step_no, dict(self.offsets),
                               self.time_index, self.events_applied)
         save_checkpoint(self.ckpt_dir, self.learner.bundle, meta,
@@ -418,10 +411,7 @@ class TrainerConsumer:
         log.info("rebased", extra={"version": version, "replayed_events": replayed})
 
     def _update_lag(self) -> None:
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(high - self.consumer.position(tp))
+        record_lag(self.consumer, self.metrics.lag)
 
     def close(self) -> None:
         try:

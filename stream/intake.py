@@ -24,6 +24,9 @@ class Entry(NamedTuple):
     record_ts_ms: int
 
 
+Letter = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
+
+
 class DeadLetterError(RuntimeError):
     """The dead-letter topic did not take some rejected records."""
 
@@ -41,7 +44,7 @@ class Intake:
         self.dlq, self.dlq_topic, self.max_bytes, self.metrics = dlq, dlq_topic, max_bytes, \
             metrics
         self.dead_letters = 0
-        self._unacked: list[tuple[Any, tuple[Any, Any, list[tuple[str, bytes]]]]] = []
+        self._unacked: list[tuple[Any, Letter]] = []  # (send future, what was sent)
 
     def decode(self, records: list[Any]) -> list[Entry]:
         """Entries in record order; invalid records are sent to the DLQ with a reason."""
@@ -68,11 +71,14 @@ class Intake:
         if value is not None and len(value) > self.max_bytes:
             value = value[: self.max_bytes]  # keep the head: the DLQ must accept the record
             headers.append(("truncated", b"true"))
-        letter = (rec.key, value, headers)
-        self._unacked.append((self.dlq.send(self.dlq_topic, key=rec.key, value=value,
-                                            headers=headers), letter))
+        self._send((rec.key, value, headers))
         self.metrics.rejected.labels(reason_kind(reason)).inc()
         self.dead_letters += 1
+
+    def _send(self, letter: Letter) -> None:
+        key, value, headers = letter
+        future = self.dlq.send(self.dlq_topic, key=key, value=value, headers=headers)
+        self._unacked.append((future, letter))
 
     def flush(self, timeout_s: float = 30.0, attempts: int = 3) -> None:
         """Wait until every dead letter sent so far is acknowledged, re-sending failures;
@@ -83,8 +89,9 @@ class Intake:
             # Not acknowledged within the timeout counts as failed: a duplicate dead letter
             # is harmless, a lost one is not.
             failed = [letter for future, letter in self._unacked if not future.succeeded()]
-            self._unacked = [(self.dlq.send(self.dlq_topic, key=k, value=v, headers=h),
-                              (k, v, h)) for k, v, h in failed]
+            self._unacked = []
+            for letter in failed:
+                self._send(letter)
             if not self._unacked:
                 return
         raise DeadLetterError(f"{len(self._unacked)} dead letters were not acknowledged by "

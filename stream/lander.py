@@ -26,11 +26,11 @@ import pyarrow.parquet as pq
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.atomic import atomic_writer, fsync_dir
 from common.events import format_day
-from common.kafka_clients import bootstrap_servers, ensure_topics, make_consumer
+from common.kafka_clients import bootstrap_servers, ensure_topics, make_consumer, record_lag
 from common.landed import (
     SCHEMA,
     LandedIndex,
@@ -41,6 +41,7 @@ from common.landed import (
 )
 from common.settings import Settings
 from common.shutdown import StopFlag
+from common.telemetry import serve_metrics
 from common.wire import InvalidEventError, WireEvent, decode_event
 
 log = logging.getLogger(__name__)
@@ -279,13 +280,8 @@ class Lander:
                 and time.monotonic() - self._last_record > max_idle_s)
 
     def _update_lag(self) -> None:
-        # highwater - position, never end_offsets(): ListOffsets is wrong on tansu.
         self._lag_at = time.monotonic()
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            pos = self.consumer.position(tp) if high is not None else None
-            if pos is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(max(high - pos, 0))
+        record_lag(self.consumer, self.metrics.lag)
 
 
 def _shown(offsets: dict[TopicPartition, OffsetAndMetadata]) -> dict[int, int]:
@@ -325,24 +321,14 @@ class _Rebalance(AsyncConsumerRebalanceListener):
 def run_lander_daemon(settings: Settings, stop: StopFlag | None = None,
                       max_idle_s: float | None = None) -> LanderStats:
     """Run the lander until SIGTERM/SIGINT (or ``stop``, or ``max_idle_s`` without records)."""
-    if stop is None:
-        stop = StopFlag()
-        stop.install_signal_handlers()
+    stop = StopFlag.for_daemon(stop)
     metrics = LanderMetrics()
-    server = None
-    if settings.stream.lander_metrics_port:
-        server, _ = start_http_server(settings.stream.lander_metrics_port,
-                                      addr=settings.stream.metrics_host,
-                                      registry=metrics.registry)
-    try:
+    with serve_metrics(metrics.registry, settings.stream.metrics_host,
+                       settings.stream.lander_metrics_port):
         bootstrap = bootstrap_servers(settings)
         ensure_topics(settings.kafka, bootstrap, [settings.kafka.topic])
         log.info("lander starting", extra={"topic": settings.kafka.topic,
                                            "group": settings.stream.lander_group})
         stats = Lander(settings, bootstrap, metrics).run(stop, max_idle_s)
-    finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
     log.info("lander stopped", extra={"reason": stop.reason or "idle", **vars(stats)})
     return stats

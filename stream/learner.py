@@ -84,10 +84,10 @@ class StreamLearner:
         user_ids = self.bundle.user_vocab.ids_of(user_rows)
         item_ids = self.bundle.item_vocab.ids_of(item_rows)
         weight = self.bundle.model.user.ids.weight
-        user_vecs = weight.index_select(0, torch.from_numpy(user_rows)).numpy().astype(np.float32)
+        user_vecs = weight.index_select(0, torch.from_numpy(user_rows)).numpy()
         item_vecs = item_vectors(self.bundle, self.features, item_ids).numpy()
         return LearnOutput(n_events, n_examples, loss, user_ids, user_vecs, item_ids,
-                           item_vecs.astype(np.float32), diverged)
+                           item_vecs, diverged)
 
 
 def stream_train_settings(settings: Settings) -> TrainSettings:

@@ -34,7 +34,7 @@ class TimeIndex:
         if blocks and max_ts_ms - blocks[-1][1] < self.resolution_ms:
             blocks[-1][1] = max(blocks[-1][1], max_ts_ms)
         else:
-            blocks.append([first_offset, max(max_ts_ms, blocks[-1][1] if blocks else max_ts_ms)])
+            blocks.append([first_offset, max_ts_ms])  # block maxima only ever grow
 
     def offset_for(self, partition: int, ts_ms: int) -> int | None:
         """Smallest recorded offset from which every event with ``ts >= ts_ms`` follows;
@@ -49,8 +49,12 @@ class TimeIndex:
         blocks = self.blocks.get(partition, [])
         return partition not in self.pruned or (bool(blocks) and blocks[0][1] < ts_ms)
 
-    def prune(self, older_than_ms: int) -> None:
-        """Forget blocks whose events all predate ``older_than_ms`` (keep the last one)."""
+    def prune(self, window_ms: int) -> None:
+        """Forget blocks whose events all lie more than ``window_ms`` before the newest
+        event indexed (the one just before the window is kept as its lower bound)."""
+        if not any(self.blocks.values()):
+            return
+        older_than_ms = max(b[-1][1] for b in self.blocks.values() if b) - window_ms
         for p, blocks in self.blocks.items():
             keep = next((i for i, b in enumerate(blocks) if b[1] >= older_than_ms),
                         len(blocks) - 1)

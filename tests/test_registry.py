@@ -125,7 +125,7 @@ def test_failed_registration_leaves_no_version(tmp_path: Path,
     def disk_full(**_: object) -> bytes:  # fails after weights and vocabularies are written
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("common.registry._npz_bytes", disk_full)
+    monkeypatch.setattr("common.registry.npz_bytes", disk_full)
     with pytest.raises(OSError, match="No space"):
         _register(reg)
     assert reg.versions() == []
