@@ -60,13 +60,58 @@ class KafkaSettings(_Group):
 
 
 class RedisSettings(_Group):
-    """Redis connection. Empty url = start the embedded server."""
+    """Redis connection and the published layout. Empty url = start the embedded server."""
 
     url: str = ""
     username: str = ""
     password: SecretStr = SecretStr("")
     tls: bool = False
-    retention_versions: int = Field(3, ge=1)
+    tls_ca_file: str = ""
+    cluster: bool = Field(False, description="connect with the Redis Cluster client")
+    socket_timeout_s: float = Field(5.0, gt=0)
+    prefix: str = Field("rs", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
+    retention_versions: int = Field(3, ge=1, description="published versions kept (the "
+                                    "champion and previous are never removed)")
+    bucket_size: int = Field(
+        512, ge=1, description="users per hash bucket of a published version")
+    pipeline_fields: int = Field(20_000, ge=1, description="hash fields per pipeline flush")
+    seen_max: int = Field(500, ge=0, description="items kept per user for seen filtering")
+
+
+class IndexSettings(_Group):
+    """The FAISS item index: exact below ``exact_max_items``, IVF above."""
+
+    exact_max_items: int = Field(100_000, ge=1)
+    ivf_nlist: int = Field(0, ge=0, description="IVF lists; 0 = about 4 x sqrt(items)")
+    ivf_nprobe: int = Field(32, ge=1, description="lists searched per query")
+    train_sample: int = Field(200_000, ge=1000, description="vectors the IVF quantiser is "
+                              "trained on")
+    snapshot_every_deltas: int = Field(
+        100, ge=1, description="rewrite the index file after this many deltas (each delta "
+        "is durable in its own file at once)")
+    threads: int = Field(0, ge=0, description="FAISS OpenMP threads; 0 = FAISS default")
+
+
+class PublisherSettings(_Group):
+    """Promotion and the champion flip after a rebase."""
+
+    rebase_timeout_s: float = Field(
+        900.0, gt=0, description="promote a nightly this long after its publish even if "
+        "the stream has not reported the rebase")
+
+
+class ServingSettings(_Group):
+    """The recall API."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_k: int = Field(1000, ge=1)
+    default_k: int = Field(50, ge=1)
+    popular_items: int = Field(1000, ge=1, description="fallback list length")
+    version_poll_s: float = Field(
+        2.0, gt=0, description="read the release pointer this often in case a pub/sub "
+        "message was missed")
+    threads: int = Field(1, ge=0, description="torch threads; 0 = torch default")
 
 
 class ModelSettings(_Group):
@@ -166,6 +211,9 @@ class Settings(BaseModel):
     train: TrainSettings = TrainSettings()
     stream: StreamSettings = StreamSettings()
     eval: EvalSettings = EvalSettings()
+    index: IndexSettings = IndexSettings()
+    publisher: PublisherSettings = PublisherSettings()
+    serving: ServingSettings = ServingSettings()
 
     @property
     def models_dir(self) -> Path:
@@ -178,6 +226,10 @@ class Settings(BaseModel):
     @property
     def checkpoints_dir(self) -> Path:
         return self.home / "checkpoints"
+
+    @property
+    def indexes_dir(self) -> Path:
+        return self.home / "indexes"
 
     @property
     def run_dir(self) -> Path:
