@@ -16,6 +16,9 @@ row 0 instead of failing.
 [2, 0]
 >>> ef.cat[2].tolist()  # gender=M, age in the upper bucket
 [2, 2]
+>>> cat, multi = enc.unpack(ef.packed(["u2"]))  # as published for serving
+>>> cat.tolist()
+[[2, 2]]
 """
 
 from __future__ import annotations
@@ -98,6 +101,12 @@ class EncodedFeatures:
         # index_select rather than advanced indexing: same result, far cheaper kernel.
         return self.cat.index_select(0, rows), [m.index_select(0, rows) for m in self.multi]
 
+    def packed(self, ids: Any) -> np.ndarray:
+        """One int32 row per id (categorical indices, then each multi field's) for
+        publishing; ``FeatureEncoder.unpack`` turns rows back into model inputs."""
+        cat, multi = self.gather(torch.from_numpy(self.rows(ids)))
+        return torch.cat([cat, *multi], dim=1).to(torch.int32).numpy()
+
 
 @dataclass
 class FeatureEncoder:
@@ -142,6 +151,22 @@ class FeatureEncoder:
                else len(self.edges[f.name]) + 2 for f in self.cat_fields]
         multi = [len(self.vocabs[f.name]) + 1 for f in self.multi_fields]
         return cat, multi
+
+    @property
+    def packed_width(self) -> int:
+        """Columns of an ``EncodedFeatures.packed`` row."""
+        return len(self.cat_fields) + sum(f.max_len for f in self.multi_fields)
+
+    def unpack(self, packed: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Model inputs (categorical indices, multi-field rows) from packed rows."""
+        if packed.shape[1] != self.packed_width:
+            raise ValueError(f"packed feature rows have {packed.shape[1]} columns, this "
+                             f"encoder expects {self.packed_width}")
+        t = torch.from_numpy(packed.astype(np.int64))
+        n_cat = len(self.cat_fields)
+        bounds = np.cumsum([n_cat] + [f.max_len for f in self.multi_fields]).tolist()
+        multi = [t[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        return t[:, :n_cat], multi
 
     def encode(self, table: FeatureTable) -> EncodedFeatures:
         n = len(table)

@@ -31,12 +31,25 @@ class Delta:
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset
     max_event_ts_ms: int = 0
     step: int = 0
+    user_features: np.ndarray | None = None  # int32 [n_users, width]: packed feature rows
+    seen: Interactions | None = None  # the step's positives, for seen-item filtering
 
     def __post_init__(self) -> None:
         if len(self.user_ids) != len(self.user_vectors):
             raise ValueError("user_ids and user_vectors differ in length")
         if len(self.item_ids) != len(self.item_vectors):
             raise ValueError("item_ids and item_vectors differ in length")
+        if self.user_features is not None and len(self.user_features) != len(self.user_ids):
+            raise ValueError("user_ids and user_features differ in length")
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """(user, item, time) triples: what users have seen, for serving's filter."""
+
+    user_ids: list[str]
+    item_ids: list[str]
+    ts_ms: list[int]
 
 
 class Publisher(Protocol):
@@ -49,4 +62,16 @@ class Publisher(Protocol):
     def rebased(self, version: str, offsets: dict[int, int]) -> None:
         """The stream has replayed everything after ``version``'s cutoff onto it, up to
         ``offsets``: the version may now be flipped to champion."""
+        ...
+
+    def ready(self, version: str) -> bool:
+        """Whether ``version`` is published completely, so deltas may go into it."""
+        ...
+
+    def champion(self) -> str | None:
+        """The version serving now (None when the publisher does not track releases)."""
+        ...
+
+    def withdrawn(self) -> set[str]:
+        """Versions rolled back from: the stream must not rebase onto them."""
         ...

@@ -73,6 +73,15 @@ class FilePublisher:
         write_text_atomic(self.root / version / "rebased.json",
                           json.dumps({"offsets": {str(p): o for p, o in offsets.items()}}))
 
+    def ready(self, version: str) -> bool:
+        return True
+
+    def champion(self) -> str | None:
+        return None
+
+    def withdrawn(self) -> set[str]:
+        return set()
+
     def is_rebased(self, version: str) -> bool:
         return (self.root / version / "rebased.json").exists()
 

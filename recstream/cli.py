@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     br = sub.add_parser("broker", help="the embedded broker of this RECSTREAM_HOME")
     br.add_argument("action", choices=["start", "stop", "status"])
+
+    rd = sub.add_parser("redis", help="the embedded Redis of this RECSTREAM_HOME")
+    rd.add_argument("action", choices=["start", "stop", "status"])
     return parser
 
 
@@ -216,23 +219,35 @@ def _cmd_land(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _cmd_broker(settings: Settings, args: argparse.Namespace) -> None:
-    from common.broker import ensure_broker, recorded_broker, stop_recorded_broker
+    from common.broker import home_broker
 
     if settings.kafka.bootstrap:
         raise UsageError("RECSTREAM_KAFKA_BOOTSTRAP is set: the embedded broker is not used")
-    if args.action == "start":
-        print(ensure_broker(settings.run_dir).bootstrap)
-    elif args.action == "stop":
-        print("stopped" if stop_recorded_broker(settings.run_dir) else "not running")
+    server = home_broker(settings.run_dir)
+    _server_action(args.action, server, lambda b: b.bootstrap)
+
+
+def _cmd_redis(settings: Settings, args: argparse.Namespace) -> None:
+    from common.redis_server import home_redis
+
+    if settings.redis.url:
+        raise UsageError("RECSTREAM_REDIS_URL is set: the embedded Redis is not used")
+    _server_action(args.action, home_redis(settings.run_dir), lambda r: r.url)
+
+
+def _server_action(action: str, server: Any, address: Any) -> None:
+    if action == "start":
+        print(address(server.ensure()))
+    elif action == "stop":
+        print("stopped" if server.stop() else "not running")
     else:
-        broker = recorded_broker(settings.run_dir)
-        print(f"running pid={broker.pid} bootstrap={broker.bootstrap}" if broker
-              else "not running")
+        found = server.answering()
+        print(f"running pid={found.pid} address={address(found)}" if found else "not running")
 
 
 _COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo,
              "replay": _cmd_replay, "stream": _cmd_stream, "land": _cmd_land,
-             "broker": _cmd_broker}
+             "broker": _cmd_broker, "redis": _cmd_redis}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

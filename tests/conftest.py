@@ -1,6 +1,7 @@
-"""Shared fixtures. Integration tests get a real broker: ``RECSTREAM_KAFKA_BOOTSTRAP``
-if set, else an apache/kafka container when a Docker engine answers, else the
-embedded tansu launcher (the same one the daemons use)."""
+"""Shared fixtures. Integration tests get a real broker and a real Redis: the
+``RECSTREAM_KAFKA_BOOTSTRAP`` / ``RECSTREAM_REDIS_URL`` they name if set, else
+apache/kafka and redis containers when a Docker engine answers, else the embedded
+launchers (the same ones the daemons use). The run prints which it took."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +57,64 @@ def kafka_bootstrap(pytestconfig: pytest.Config) -> Iterator[str]:
     with EmbeddedBroker.start() as broker:
         _say(pytestconfig, f"[broker] embedded tansu on {broker.bootstrap}")
         yield broker.bootstrap
+
+
+@dataclass
+class RedisServer:
+    """The test session's Redis; ``restart`` is possible only for the embedded one."""
+
+    url: str
+    embedded: Any = None
+    data_dir: Path | None = None
+
+    def stop(self) -> None:
+        self.embedded.stop()
+
+    def start(self) -> None:
+        """Start the embedded server again on the same port (its data kept on disk)."""
+        from common.redis_server import EmbeddedRedis
+
+        self.embedded = EmbeddedRedis.start(self.data_dir, port=self.embedded.port)
+
+
+@pytest.fixture(scope="session")
+def redis_server(pytestconfig: pytest.Config,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real Redis for this test session."""
+    configured = os.environ.get("RECSTREAM_REDIS_URL")
+    if configured:
+        _say(pytestconfig, f"[redis] RECSTREAM_REDIS_URL={configured}")
+        yield RedisServer(configured)
+        return
+    if _docker_answers():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7.4") as container:
+            host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
+            _say(pytestconfig, "[redis] testcontainers redis:7.4")
+            yield RedisServer(f"redis://{host}:{port}/0")
+        return
+    from common.redis_server import EmbeddedRedis
+
+    data_dir = tmp_path_factory.mktemp("redis")
+    server = RedisServer("", EmbeddedRedis.start(data_dir), data_dir)
+    server.url = server.embedded.url
+    _say(pytestconfig, f"[redis] embedded {server.url}")
+    try:
+        yield server
+    finally:
+        server.embedded.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh Redis key prefix for one test (tests share the session's server)."""
+    return f"t{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 import stream.lander as lander_module
-from common.broker import free_port, port_answers
 from common.events import DAY_MS, format_day, parse_day
 from common.kafka_clients import ensure_topics, make_consumer, make_producer
 from common.landed import (
@@ -32,6 +31,7 @@ from common.landed import (
     landed_watermark_ms,
     read_landed_day,
 )
+from common.launcher import free_port, port_answers
 from common.settings import Settings, load_settings
 from common.shutdown import StopFlag
 from common.wire import decode_event, encode_event

@@ -14,7 +14,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from streaming import bootstrap_champion, produce, stream_env, stream_settings, wait_for
 
-from common.broker import free_port, pid_alive
+from common.launcher import free_port, pid_alive
 from common.synthetic import SyntheticConfig, generate
 from recstream.cli import main
 from stream.checkpoint import load_checkpoint

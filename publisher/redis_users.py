@@ -1,0 +1,333 @@
+"""User ID embeddings (and packed user features) in Redis, one namespace per version.
+
+Layout (prefix ``rs``)::
+
+    rs:versions                 hash  version -> JSON meta {state, buckets, dim, ...}
+    rs:release                  string JSON {champion, previous, seq, at}: what serves
+    rs:uemb:{V:b}               hash  user id -> float32 ID embedding bytes
+    rs:ufeat:{V:b}              hash  user id -> int32 packed feature row bytes
+    rs:seen:{user}              zset  item id -> last event time (ms), capped
+    rs:rebased:V                string JSON offsets: the stream caught up on V
+    rs:events                   pub/sub channel: release changes and deltas
+
+A bucket ``b`` is ``stable_hash(user) % buckets``; the ``{V:b}`` hash tag keeps a
+bucket's keys in one Redis Cluster slot while spreading buckets over the cluster.
+A version is ``writing`` until every user is written, then ``complete``; only a
+complete version can be released, so a reader never sees a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+
+from common.freq import stable_hash
+from common.redis_client import RedisClient
+from common.settings import RedisSettings
+from publisher.base import PublishError
+
+WRITING, COMPLETE = "writing", "complete"
+
+
+class VersionStateError(RuntimeError):
+    """A version is missing from Redis or not in the state an operation needs."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Key names under one prefix."""
+
+    prefix: str = "rs"
+
+    @property
+    def versions(self) -> str:
+        return f"{self.prefix}:versions"
+
+    @property
+    def release(self) -> str:
+        return f"{self.prefix}:release"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.prefix}:events"
+
+    def emb(self, version: str, bucket: int) -> str:
+        return f"{self.prefix}:uemb:{{{version}:{bucket}}}"
+
+    def feat(self, version: str, bucket: int) -> str:
+        return f"{self.prefix}:ufeat:{{{version}:{bucket}}}"
+
+    def seen(self, user_id: str) -> str:
+        return f"{self.prefix}:seen:{{{user_id}}}"
+
+    def rebased(self, version: str) -> str:
+        return f"{self.prefix}:rebased:{version}"
+
+
+@dataclass
+class VersionMeta:
+    """What Redis holds of a version."""
+
+    version: str
+    state: str
+    buckets: int
+    dim: int
+    feat_width: int
+    users: int = 0
+    cutoff_ms: int = 0
+    started_at: float = field(default_factory=time.time)
+    completed_at: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> VersionMeta:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Release:
+    """The serving pointer: champion and previous version, bumped on every flip."""
+
+    champion: str | None = None
+    previous: str | None = None
+    seq: int = 0
+    at: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+@dataclass(frozen=True)
+class UserRows:
+    """Users read back for serving: ``found[i]`` says whether row ``i`` is real."""
+
+    found: np.ndarray  # bool [n]
+    vectors: np.ndarray  # float32 [n, dim]
+    features: np.ndarray  # int32 [n, feat_width]; zeros (= unknown) where absent
+
+
+def buckets_of(user_ids: Sequence[str], buckets: int) -> np.ndarray:
+    """The bucket of each user id (stable across processes and restarts)."""
+    return (stable_hash(user_ids) % np.uint64(buckets)).astype(np.int64)
+
+
+class UserStore:
+    """Reads and writes the per-version user namespaces and the release pointer."""
+
+    def __init__(self, client: RedisClient, rs: RedisSettings) -> None:
+        self.r, self.rs, self.keys = client, rs, Layout(rs.prefix)
+
+    # -- versions ---------------------------------------------------------------------
+
+    def versions(self) -> dict[str, VersionMeta]:
+        """Every version Redis knows of, oldest first."""
+        raw = self._call(self.r.hgetall, self.keys.versions)
+        metas = {k.decode(): VersionMeta.from_json(v) for k, v in raw.items()}
+        return dict(sorted(metas.items()))
+
+    def meta(self, version: str) -> VersionMeta | None:
+        raw = self._call(self.r.hget, self.keys.versions, version)
+        return None if raw is None else VersionMeta.from_json(raw)
+
+    def begin(self, version: str, users: int, dim: int, feat_width: int,
+              cutoff_ms: int) -> VersionMeta:
+        """Open ``version`` for a full write (again, after an interrupted one)."""
+        meta = self.meta(version)
+        if meta is not None and meta.state == COMPLETE:
+            raise VersionStateError(f"version {version} is already published completely")
+        buckets = max(1, math.ceil(users / self.rs.bucket_size))
+        if meta is not None and (meta.buckets, meta.dim) != (buckets, dim):
+            self.drop(version)  # an earlier attempt with another shape: start clean
+        meta = VersionMeta(version, WRITING, buckets, dim, feat_width, users, cutoff_ms)
+        self._call(self.r.hset, self.keys.versions, version, meta.to_json())
+        return meta
+
+    def complete(self, version: str) -> VersionMeta:
+        meta = self._require(version)
+        meta.state, meta.completed_at = COMPLETE, time.time()
+        self._call(self.r.hset, self.keys.versions, version, meta.to_json())
+        return meta
+
+    def drop(self, version: str) -> None:
+        """Remove a version's keys (UNLINK: freed in the background) and its meta."""
+        meta = self.meta(version)
+        if meta is not None:
+            keys = [k for b in range(meta.buckets)
+                    for k in (self.keys.emb(version, b), self.keys.feat(version, b))]
+            for lo in range(0, len(keys), 1000):
+                self._pipe_call(lambda p, chunk=keys[lo:lo + 1000]: [p.unlink(k) for k in chunk])
+        self._call(self.r.unlink, self.keys.rebased(version))
+        self._call(self.r.hdel, self.keys.versions, version)
+
+    def _require(self, version: str) -> VersionMeta:
+        meta = self.meta(version)
+        if meta is None:
+            raise VersionStateError(f"version {version} is not published to Redis")
+        return meta
+
+    # -- users ------------------------------------------------------------------------
+
+    def write(self, version: str, user_ids: Sequence[str], vectors: np.ndarray,
+              features: np.ndarray | None = None) -> None:
+        """Write users' vectors (and packed features) into ``version``; raises
+        ``PublishError`` when Redis fails, leaving earlier writes in place."""
+        meta = self._require(version)
+        if vectors.shape[1:] != (meta.dim,):
+            raise PublishError(f"vectors of width {vectors.shape[1:]} for version {version} "
+                               f"of dim {meta.dim}")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        feats = None if features is None else np.ascontiguousarray(features, dtype=np.int32)
+        for commands in self._hset_batches(meta, list(user_ids), vectors, feats):
+            self._pipe_call(commands)
+
+    def _hset_batches(self, meta: VersionMeta, ids: list[str], vectors: np.ndarray,
+                      feats: np.ndarray | None) -> Iterator[Any]:
+        order = np.argsort(buckets_of(ids, meta.buckets), kind="stable")
+        bucket_of = buckets_of(ids, meta.buckets)[order]
+        starts = np.flatnonzero(np.r_[True, bucket_of[1:] != bucket_of[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        batch: list[tuple[str, list[Any]]] = []
+        fields = 0
+        for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+            b, rows = int(bucket_of[lo]), order[lo:hi]
+            batch.append((self.keys.emb(meta.version, b), _pairs(ids, rows, vectors)))
+            if feats is not None and feats.shape[1]:
+                batch.append((self.keys.feat(meta.version, b), _pairs(ids, rows, feats)))
+            fields += hi - lo
+            if fields >= self.rs.pipeline_fields:
+                yield _hsets(batch)
+                batch, fields = [], 0
+        if batch:
+            yield _hsets(batch)
+
+    def read(self, version: str, user_ids: Sequence[str]) -> UserRows:
+        """Users' vectors and features from ``version`` (one round trip)."""
+        meta = self._require(version)
+        buckets = buckets_of(user_ids, meta.buckets).tolist()
+
+        def commands(p: Any) -> None:
+            for u, b in zip(user_ids, buckets, strict=True):
+                p.hget(self.keys.emb(version, b), u)
+                p.hget(self.keys.feat(version, b), u)
+
+        replies = self._pipe_call(commands)
+        n = len(user_ids)
+        found = np.zeros(n, bool)
+        vectors = np.zeros((n, meta.dim), np.float32)
+        feats = np.zeros((n, meta.feat_width), np.int32)
+        for i in range(n):
+            emb, feat = replies[2 * i], replies[2 * i + 1]
+            if emb is not None and len(emb) == 4 * meta.dim:
+                found[i] = True
+                vectors[i] = np.frombuffer(emb, np.float32)
+            if feat is not None and len(feat) == 4 * meta.feat_width:
+                feats[i] = np.frombuffer(feat, np.int32)
+        return UserRows(found, vectors, feats)
+
+    # -- seen items -------------------------------------------------------------------
+
+    def add_seen(self, user_ids: Sequence[str], item_ids: Sequence[str],
+                 ts_ms: Sequence[int]) -> None:
+        """Record (user, item) interactions, keeping each user's ``seen_max`` latest;
+        idempotent, so a re-published delta changes nothing."""
+        if self.rs.seen_max == 0 or not len(user_ids):
+            return
+        per_user: dict[str, dict[str, int]] = {}
+        for u, i, t in zip(user_ids, item_ids, ts_ms, strict=True):
+            items = per_user.setdefault(u, {})
+            items[i] = max(int(t), items.get(i, 0))
+
+        def commands(p: Any) -> None:
+            for u, items in per_user.items():
+                key = self.keys.seen(u)
+                p.zadd(key, items, gt=True)
+                p.zremrangebyrank(key, 0, -self.rs.seen_max - 1)
+
+        self._pipe_call(commands)
+
+    def seen(self, user_id: str) -> list[str]:
+        return [m.decode() for m in self._call(self.r.zrange, self.keys.seen(user_id), 0, -1)]
+
+    # -- release pointer and notifications --------------------------------------------
+
+    def release(self) -> Release:
+        raw = self._call(self.r.get, self.keys.release)
+        return Release() if raw is None else Release(**json.loads(raw))
+
+    def flip(self, expected_seq: int, champion: str, previous: str | None,
+             event: dict[str, Any]) -> Release:
+        """Set the release pointer if nobody flipped it since ``expected_seq`` (else
+        ``VersionStateError``) and announce it on the channel."""
+        if self._require(champion).state != COMPLETE:
+            raise VersionStateError(f"version {champion} is not completely published")
+        new = Release(champion, previous, expected_seq + 1, time.time())
+        with self.r.pipeline(transaction=True) as p:
+            try:
+                p.watch(self.keys.release)
+                raw = p.get(self.keys.release)
+                seq = 0 if raw is None else int(json.loads(raw)["seq"])
+                if seq != expected_seq:
+                    raise VersionStateError("the release changed while this operation ran "
+                                            "(another operator?); look again and retry")
+                p.multi()
+                p.set(self.keys.release, new.to_json())
+                p.publish(self.keys.channel, json.dumps({**event, **asdict(new)}))
+                p.execute()
+            except redis.WatchError:
+                raise VersionStateError("the release changed while this operation ran "
+                                        "(another operator?); look again and retry") from None
+            except redis.RedisError as exc:
+                raise PublishError(f"redis: {exc}") from exc
+        return new
+
+    def announce(self, event: dict[str, Any]) -> None:
+        self._call(self.r.publish, self.keys.channel, json.dumps(event))
+
+    def mark_rebased(self, version: str, offsets: dict[int, int]) -> None:
+        self._call(self.r.set, self.keys.rebased(version),
+                   json.dumps({str(p): o for p, o in offsets.items()}))
+
+    def rebased(self, version: str) -> dict[int, int] | None:
+        raw = self._call(self.r.get, self.keys.rebased(version))
+        return None if raw is None else {int(p): o for p, o in json.loads(raw).items()}
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise PublishError(f"redis: {exc}") from exc
+
+    def _pipe_call(self, commands: Any) -> list[Any]:
+        try:
+            with self.r.pipeline(transaction=False) as p:
+                commands(p)
+                return p.execute()
+        except redis.RedisError as exc:
+            raise PublishError(f"redis: {exc}") from exc
+
+
+def _pairs(ids: list[str], rows: np.ndarray, values: np.ndarray) -> list[Any]:
+    blob = values[rows].tobytes()
+    width = values.shape[1] * values.itemsize
+    out: list[Any] = []
+    for j, r in enumerate(rows.tolist()):
+        out += (ids[r], blob[j * width:(j + 1) * width])
+    return out
+
+
+def _hsets(batch: list[tuple[str, list[Any]]]) -> Any:
+    def commands(p: Any) -> None:
+        for key, flat in batch:
+            p.execute_command("HSET", key, *flat)
+    return commands

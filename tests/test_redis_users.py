@@ -1,0 +1,114 @@
+"""The Redis user store against a real Redis: versions, users, seen items, the release."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.redis_client import connect
+from common.settings import Settings, load_settings
+from publisher.base import PublishError
+from publisher.redis_users import COMPLETE, WRITING, UserStore, VersionStateError
+
+
+def _settings(redis_url: str, prefix: str, **redis: str) -> Settings:
+    env = {"RECSTREAM_REDIS_URL": redis_url, "RECSTREAM_REDIS_PREFIX": prefix,
+           "RECSTREAM_REDIS_BUCKET_SIZE": "8", "RECSTREAM_REDIS_PIPELINE_FIELDS": "16"}
+    env.update({f"RECSTREAM_REDIS_{k.upper()}": v for k, v in redis.items()})
+    return load_settings(env)
+
+
+@pytest.fixture
+def store(redis_url: str, prefix: str) -> UserStore:
+    s = _settings(redis_url, prefix)
+    return UserStore(connect(s), s.redis)
+
+
+def _users(n: int, dim: int = 4, seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return ([f"u{i}" for i in range(n)], rng.normal(size=(n, dim)).astype(np.float32),
+            rng.integers(0, 9, size=(n, 3)).astype(np.int32))
+
+
+def test_full_write_reads_back_every_user_bit_exact(store: UserStore) -> None:
+    ids, vecs, feats = _users(100)
+    store.begin("v000001", len(ids), 4, 3, cutoff_ms=5)
+    store.write("v000001", ids, vecs, feats)
+    assert store.complete("v000001").state == COMPLETE
+    rows = store.read("v000001", ids + ["stranger"])
+    assert rows.found.tolist() == [True] * 100 + [False]
+    assert np.array_equal(rows.vectors[:100], vecs) and np.array_equal(rows.features[:100], feats)
+    assert not rows.vectors[100].any() and not rows.features[100].any()
+
+
+def test_delta_overwrites_only_its_users(store: UserStore) -> None:
+    ids, vecs, _ = _users(20)
+    store.begin("v000001", 20, 4, 0, 0)
+    store.write("v000001", ids, vecs)
+    store.write("v000001", ids[:2], vecs[:2] + 1)
+    rows = store.read("v000001", ids)
+    assert np.array_equal(rows.vectors[:2], vecs[:2] + 1)
+    assert np.array_equal(rows.vectors[2:], vecs[2:])
+
+
+def test_a_version_is_writing_until_completed_and_cannot_be_released_before(
+        store: UserStore) -> None:
+    store.begin("v000001", 5, 4, 0, 0)
+    assert store.meta("v000001").state == WRITING
+    with pytest.raises(VersionStateError, match="not completely published"):
+        store.flip(0, "v000001", None, {})
+
+
+def test_a_complete_version_is_not_rewritten(store: UserStore) -> None:
+    store.begin("v000001", 5, 4, 0, 0)
+    store.complete("v000001")
+    with pytest.raises(VersionStateError, match="already published"):
+        store.begin("v000001", 5, 4, 0, 0)
+
+
+def test_drop_removes_every_key_of_a_version(store: UserStore) -> None:
+    ids, vecs, feats = _users(50)
+    store.begin("v000001", 50, 4, 3, 0)
+    store.write("v000001", ids, vecs, feats)
+    store.mark_rebased("v000001", {0: 1})
+    store.drop("v000001")
+    assert store.meta("v000001") is None
+    assert store.r.keys(f"{store.keys.prefix}:*v000001*") == []
+
+
+def test_flip_is_compare_and_set_and_announced(store: UserStore) -> None:
+    store.begin("v000001", 1, 4, 0, 0)
+    store.complete("v000001")
+    pubsub = store.r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(store.keys.channel)
+    pubsub.get_message(timeout=1)
+    release = store.flip(0, "v000001", None, {"type": "promote"})
+    assert (release.champion, release.seq) == ("v000001", 1)
+    assert store.release() == release
+    message = pubsub.get_message(timeout=5)
+    assert message is not None and b'"promote"' in message["data"]
+    with pytest.raises(VersionStateError, match="release changed"):
+        store.flip(0, "v000001", None, {})  # a second operator working from seq 0
+
+
+def test_seen_keeps_the_latest_items_and_is_idempotent(redis_url: str, prefix: str) -> None:
+    s = _settings(redis_url, prefix, seen_max="3")
+    store = UserStore(connect(s), s.redis)
+    items = [f"i{k}" for k in range(5)]
+    for _ in range(2):
+        store.add_seen(["u"] * 5, items, [10, 20, 30, 40, 50])
+    assert sorted(store.seen("u")) == ["i2", "i3", "i4"]
+
+
+def test_wrong_width_is_refused(store: UserStore) -> None:
+    store.begin("v000001", 1, 4, 0, 0)
+    with pytest.raises(PublishError, match="width"):
+        store.write("v000001", ["u"], np.zeros((1, 5), np.float32))
+
+
+def test_unreachable_redis_raises_publish_error(prefix: str) -> None:
+    from common.launcher import free_port
+
+    s = _settings(f"redis://127.0.0.1:{free_port()}/0", prefix, socket_timeout_s="0.5")
+    with pytest.raises(PublishError, match="redis"):
+        UserStore(connect(s), s.redis).versions()
