@@ -164,6 +164,9 @@ class StreamSettings(_Group):
     """The stream daemons: the trainer consumer and the lander."""
 
     trainer_group: str = "trainer"
+    publisher: Literal["redis", "files"] = Field(
+        "redis", description="where the trainer publishes deltas: Redis + FAISS indexes, "
+        "or files under RECSTREAM_HOME/published (no serving; for trials)")
     lander_group: str = "lander"
     update_interval_s: float = Field(300.0, gt=0, description="gather a micro-batch this long")
     max_batch_events: int = Field(50_000, ge=1, description="or until this many events")

@@ -3,7 +3,8 @@
 Layout (prefix ``rs``)::
 
     rs:versions                 hash  version -> JSON meta {state, buckets, dim, ...}
-    rs:release                  string JSON {champion, previous, seq, at}: what serves
+    rs:{release}                string JSON {champion, previous, seq, at}: what serves
+    rs:{release}:withdrawn      set   versions rolled back from (the stream avoids them)
     rs:uemb:{V:b}               hash  user id -> float32 ID embedding bytes
     rs:ufeat:{V:b}              hash  user id -> int32 packed feature row bytes
     rs:seen:{user}              zset  item id -> last event time (ms), capped
@@ -50,9 +51,14 @@ class Layout:
     def versions(self) -> str:
         return f"{self.prefix}:versions"
 
+    # One hash tag: the release and the withdrawn set change in one transaction.
     @property
     def release(self) -> str:
-        return f"{self.prefix}:release"
+        return f"{self.prefix}:{{release}}"
+
+    @property
+    def withdrawn(self) -> str:
+        return f"{self.prefix}:{{release}}:withdrawn"
 
     @property
     def channel(self) -> str:
@@ -209,9 +215,11 @@ class UserStore:
         if batch:
             yield _hsets(batch)
 
-    def read(self, version: str, user_ids: Sequence[str]) -> UserRows:
-        """Users' vectors and features from ``version`` (one round trip)."""
-        meta = self._require(version)
+    def read(self, version: str, user_ids: Sequence[str],
+             meta: VersionMeta | None = None) -> UserRows:
+        """Users' vectors and features from ``version`` (one round trip when its
+        ``meta`` is given)."""
+        meta = meta or self._require(version)
         buckets = buckets_of(user_ids, meta.buckets).tolist()
 
         def commands(p: Any) -> None:
@@ -264,9 +272,10 @@ class UserStore:
         return Release() if raw is None else Release(**json.loads(raw))
 
     def flip(self, expected_seq: int, champion: str, previous: str | None,
-             event: dict[str, Any]) -> Release:
+             event: dict[str, Any], withdraw: str | None = None) -> Release:
         """Set the release pointer if nobody flipped it since ``expected_seq`` (else
-        ``VersionStateError``) and announce it on the channel."""
+        ``VersionStateError``) and announce it on the channel; ``withdraw`` marks the
+        version rolled back from, and the new champion is never withdrawn."""
         if self._require(champion).state != COMPLETE:
             raise VersionStateError(f"version {champion} is not completely published")
         new = Release(champion, previous, expected_seq + 1, time.time())
@@ -280,6 +289,9 @@ class UserStore:
                                             "(another operator?); look again and retry")
                 p.multi()
                 p.set(self.keys.release, new.to_json())
+                p.srem(self.keys.withdrawn, champion)
+                if withdraw is not None:
+                    p.sadd(self.keys.withdrawn, withdraw)
                 p.publish(self.keys.channel, json.dumps({**event, **asdict(new)}))
                 p.execute()
             except redis.WatchError:
@@ -288,6 +300,9 @@ class UserStore:
             except redis.RedisError as exc:
                 raise PublishError(f"redis: {exc}") from exc
         return new
+
+    def withdrawn(self) -> set[str]:
+        return {m.decode() for m in self._call(self.r.smembers, self.keys.withdrawn)}
 
     def announce(self, event: dict[str, Any]) -> None:
         self._call(self.r.publish, self.keys.channel, json.dumps(event))

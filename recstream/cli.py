@@ -120,9 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
     br = sub.add_parser("broker", help="the embedded broker of this RECSTREAM_HOME")
     br.add_argument("action", choices=["start", "stop", "status"])
 
+    pb = sub.add_parser("publisher", help="published versions: status, publish, promote, "
+                        "rollback")
+    pb_sub = pb.add_subparsers(dest="publisher_command", required=True, parser_class=_Parser)
+    pb_sub.add_parser("status", help="champion, previous, versions, Redis memory (JSON)")
+    pb_sub.add_parser("versions", help="one line per registered version")
+    pp = pb_sub.add_parser("publish", help="publish a registered version fully (no flip)")
+    pp.add_argument("version", type=_version_ref)
+    _add_dataset_args(pp)
+    pm = pb_sub.add_parser("promote", help="make a published version the champion")
+    pm.add_argument("version", type=_version_ref)
+    pm.add_argument("--force", action="store_true", help="skip the metrics gate")
+    pr = pb_sub.add_parser("rollback", help="serve the previous version (or --to V) again")
+    pr.add_argument("--to", type=_version_ref, default=None)
+
     rd = sub.add_parser("redis", help="the embedded Redis of this RECSTREAM_HOME")
     rd.add_argument("action", choices=["start", "stop", "status"])
     return parser
+
+
+def _version_ref(text: str) -> str:
+    import re
+
+    if text in ("champion", "previous") or re.fullmatch(r"v\d{6}", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected a version like v000003 (or champion, "
+                                     f"previous), got {text!r}")
 
 
 def _speed(text: str) -> float:
@@ -227,6 +250,37 @@ def _cmd_broker(settings: Settings, args: argparse.Namespace) -> None:
     _server_action(args.action, server, lambda b: b.bootstrap)
 
 
+def _cmd_publisher(settings: Settings, args: argparse.Namespace) -> None:
+    from publisher.control import ReleaseControl
+    from publisher.redis_faiss import RedisFaissPublisher
+
+    control = ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+    command = args.publisher_command
+    if command == "status":
+        print(json.dumps(control.status(), indent=2))
+    elif command == "versions":
+        print(f"{'version':9} {'role':9} {'kind':9} {'cutoff':10} {'published':9} "
+              f"{'users':>8} {'rebased':7} metrics")
+        for v in control.versions():
+            metrics = " ".join(f"{k}={x:.4f}" for k, x in sorted(v.metrics.items()))
+            print(f"{v.version:9} {v.role or '-':9} {v.kind:9} {_date(v.cutoff_ms):10} "
+                  f"{v.published if v.index or v.published == 'no' else 'no index':9} "
+                  f"{v.users:>8} {'yes' if v.rebased else 'no':7} {metrics or '-'}")
+    elif command == "publish":
+        report = control.publish(args.version, _dataset(settings, args), progress=True)
+        print(json.dumps(asdict(report), indent=2))
+    else:
+        release = (control.promote(args.version, force=args.force) if command == "promote"
+                   else control.rollback(args.to))
+        print(f"champion={release.champion} previous={release.previous} seq={release.seq}")
+
+
+def _date(ms: int) -> str:
+    from common.events import format_day
+
+    return format_day(ms - 1) if ms else "-"
+
+
 def _cmd_redis(settings: Settings, args: argparse.Namespace) -> None:
     from common.redis_server import home_redis
 
@@ -247,7 +301,7 @@ def _server_action(action: str, server: Any, address: Any) -> None:
 
 _COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo,
              "replay": _cmd_replay, "stream": _cmd_stream, "land": _cmd_land,
-             "broker": _cmd_broker, "redis": _cmd_redis}
+             "broker": _cmd_broker, "redis": _cmd_redis, "publisher": _cmd_publisher}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from stream.intake import Entry, Intake
 from stream.learner import LearnOutput, StreamLearner, stream_train_settings
 from stream.lock import exclusive_lock
 from stream.metrics import TrainerMetrics
-from stream.rebase import RebaseError, newer_version, replay_since
+from stream.rebase import RebaseError, replay_since, target_version
 from stream.time_index import TimeIndex
 
 log = logging.getLogger(__name__)
@@ -258,9 +258,8 @@ class TrainerConsumer:
                            step_no: int) -> tuple[LearnOutput, Delta, PublishError | None]:
         events = to_events(e.event for e in entries if e.event is not None)
         out = self._learn(events, step_no)
-        delta = Delta(self.learner.version, out.user_ids, out.user_vectors, out.item_ids,
-                      out.item_vectors, offsets,
-                      int(events.ts_ms.max()) if len(events) else 0, step_no)
+        delta = out.delta(self.learner.version, offsets,
+                          int(events.ts_ms.max()) if len(events) else 0, step_no)
         try:
             self.publisher.publish_delta(delta)
         except PublishError as exc:
@@ -378,10 +377,11 @@ class TrainerConsumer:
     def _maybe_rebase(self) -> None:
         version = None
         try:
-            version = newer_version(self.registry, self.learner.version, self._skip_versions)
+            version = target_version(self.registry, self.publisher, self.learner.version,
+                                     self._skip_versions)
             if version is not None:
                 self.rebase(version)
-        except (RegistryError, RebaseError, TrainingDivergedError) as exc:
+        except (RegistryError, RebaseError, TrainingDivergedError, PublishError) as exc:
             # The stream carries on with the version it has; the publisher's timeout
             # decides about the new one.
             log.error("rebase failed; staying on the current version",

@@ -11,11 +11,21 @@ from common.kafka_clients import bootstrap_servers, ensure_topics
 from common.settings import Settings
 from common.shutdown import StopFlag
 from common.telemetry import serve_metrics
+from publisher.base import Publisher
 from publisher.files import FilePublisher
 from stream.consumer import TrainerConsumer
 from stream.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
+
+
+def make_publisher(settings: Settings) -> Publisher:
+    """The publisher the settings name (Redis + FAISS by default)."""
+    if settings.stream.publisher == "files":
+        return FilePublisher(settings.home / "published")
+    from publisher.redis_faiss import RedisFaissPublisher
+
+    return RedisFaissPublisher.from_settings(settings)
 
 
 def run_trainer_daemon(settings: Settings, dataset: Dataset, max_steps: int | None = None,
@@ -29,8 +39,8 @@ def run_trainer_daemon(settings: Settings, dataset: Dataset, max_steps: int | No
     metrics = TrainerMetrics()
     with serve_metrics(metrics.registry, settings.stream.metrics_host,
                        settings.stream.trainer_metrics_port):
-        trainer = TrainerConsumer(settings, dataset, FilePublisher(settings.home / "published"),
-                                  bootstrap, metrics, stop)
+        trainer = TrainerConsumer(settings, dataset, make_publisher(settings), bootstrap,
+                                  metrics, stop)
         log.info("stream trainer started", extra={
             "bootstrap": bootstrap, "version": trainer.learner.version, "step": trainer.step_no})
         trainer.run(max_steps)

@@ -8,7 +8,7 @@ No Kafka or files here: the consumer feeds events in and publishes what comes ou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from common.scoring import item_vectors
 from common.settings import Settings, TrainSettings
 from common.training import Trainer, TrainingDivergedError
 from common.vocab import COLD_ROW
+from publisher.base import Delta, Interactions
 
 _NO_ROWS = np.zeros(0, np.int64)
 
@@ -36,6 +37,15 @@ class LearnOutput:
     item_ids: list[str]
     item_vectors: np.ndarray  # item tower outputs, float32
     diverged: bool = False  # a chunk's loss was NaN/inf or too large: the rest was skipped
+    user_features: np.ndarray | None = None  # int32 packed feature rows of user_ids
+    seen: Interactions | None = None  # the positives learned from
+
+    def delta(self, version: str, offsets: dict[int, int], max_event_ts_ms: int,
+              step: int) -> Delta:
+        """What the publisher gets from this step."""
+        return Delta(version, self.user_ids, self.user_vectors, self.item_ids,
+                     self.item_vectors, offsets, max_event_ts_ms, step, self.user_features,
+                     self.seen)
 
 
 class StreamLearner:
@@ -73,9 +83,13 @@ class StreamLearner:
             items.append(result.item_rows)
             losses.append(result.loss)
             applied += len(idx)
-        return self._output(len(events), applied, float(np.mean(losses)) if losses
-                            else float("nan"), np.unique(np.concatenate(users)),
-                            np.unique(np.concatenate(items)), diverged)
+        out = self._output(len(events), applied, float(np.mean(losses)) if losses
+                           else float("nan"), np.unique(np.concatenate(users)),
+                           np.unique(np.concatenate(items)), diverged)
+        seen = Interactions(positives.user_id[:applied].astype(str).tolist(),
+                            positives.item_id[:applied].astype(str).tolist(),
+                            positives.ts_ms[:applied].tolist())
+        return replace(out, seen=seen)
 
     def _output(self, n_events: int, n_examples: int, loss: float, user_rows: np.ndarray,
                 item_rows: np.ndarray, diverged: bool) -> LearnOutput:
@@ -87,7 +101,7 @@ class StreamLearner:
         user_vecs = weight.index_select(0, torch.from_numpy(user_rows)).numpy()
         item_vecs = item_vectors(self.bundle, self.features, item_ids).numpy()
         return LearnOutput(n_events, n_examples, loss, user_ids, user_vecs, item_ids,
-                           item_vecs, diverged)
+                           item_vecs, diverged, self.features.users.packed(user_ids))
 
 
 def stream_train_settings(settings: Settings) -> TrainSettings:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kafka import TopicPartition
@@ -19,7 +20,7 @@ from kafka import TopicPartition
 from common.kafka_clients import make_consumer
 from common.registry import CorruptVersionError, Registry
 from common.wire import WireEvent, decode_event, to_events
-from publisher.base import Delta
+from publisher.base import Publisher
 from stream.learner import StreamLearner
 
 if TYPE_CHECKING:
@@ -34,19 +35,37 @@ _IDLE_GIVE_UP_S = 30.0
 REBASE_KINDS = ("nightly",)
 
 
-def newer_version(registry: Registry, current: str, skip: set[str] | None = None) -> str | None:
-    """The newest intact nightly version registered after ``current``, if any."""
-    skip = skip if skip is not None else set()
+def newer_version(registry: Registry, current: str, skip: set[str],
+                  ready: Callable[[str], bool]) -> str | None:
+    """The newest intact nightly version registered after ``current`` that is published
+    (``ready``) and not in ``skip``, if any."""
     for version in reversed([v for v in registry.versions() if v > current]):
         if version in skip:
             continue
         try:
-            if registry.meta(version).get("kind") in REBASE_KINDS:
+            if registry.meta(version).get("kind") in REBASE_KINDS and ready(version):
                 return version
         except CorruptVersionError as exc:
             log.error("ignoring a corrupt version", extra={"version": version,
                                                            "error": str(exc)})
-        skip.add(version)
+            skip.add(version)
+    return None
+
+
+def target_version(registry: Registry, publisher: Publisher, current: str,
+                   skip: set[str]) -> str | None:
+    """The version the stream should move to, if not ``current``: a newer published
+    nightly (it awaits its rebase before promotion), else the released champion when
+    ``current`` was rolled back from or is older than it."""
+    withdrawn = publisher.withdrawn()
+    newer = newer_version(registry, current, skip,
+                          lambda v: v not in withdrawn and publisher.ready(v))
+    if newer is not None:
+        return newer
+    champion = publisher.champion()
+    if champion is not None and champion != current and champion not in skip and (
+            current in withdrawn or champion > current):
+        return champion
     return None
 
 
@@ -119,7 +138,6 @@ def _apply(owner: TrainerConsumer, learner: StreamLearner, events: list[WireEven
            reached: dict[int, int], batch_no: int) -> int:
     # Seeded apart from the live steps' numbers so grown rows differ between batches.
     out = learner.step(to_events(events), -batch_no)
-    owner.publish(Delta(learner.version, out.user_ids, out.user_vectors, out.item_ids,
-                        out.item_vectors, dict(reached), max(e.ts_ms for e in events),
-                        owner.step_no))
+    owner.publish(out.delta(learner.version, dict(reached), max(e.ts_ms for e in events),
+                            owner.step_no))
     return len(events)

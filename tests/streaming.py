@@ -30,6 +30,8 @@ def stream_env(home: Path, bootstrap: str, topic: str, **extra: str) -> dict[str
             "RECSTREAM_STREAM_TRAINER_METRICS_PORT": "0",
             "RECSTREAM_STREAM_LANDER_METRICS_PORT": "0",
             "RECSTREAM_TRAIN_BATCH_SIZE": "128", "RECSTREAM_TRAIN_THREADS": "1",
+            # The Redis/FAISS publisher's tests say so; the others publish to files.
+            "RECSTREAM_STREAM_PUBLISHER": "files",
             **SMALL_MODEL, **extra}
 
 

@@ -1,0 +1,75 @@
+"""Helpers for publisher and serving tests: settings against the test Redis, a released
+champion, the exact answer the recall API must give."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from batch.jobs import bootstrap_job
+from common.bundle import Features
+from common.dataset import Dataset
+from common.registry import Registry
+from common.scoring import item_vectors
+from common.settings import Settings, load_settings
+from publisher.control import ReleaseControl
+from publisher.redis_faiss import RedisFaissPublisher
+from serving.recall import RecallService
+from streaming import SMALL_MODEL
+
+
+def publish_env(home: Path, redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
+    return {"RECSTREAM_HOME": str(home), "RECSTREAM_REDIS_URL": redis_url,
+            "RECSTREAM_REDIS_PREFIX": prefix, "RECSTREAM_TRAIN_BATCH_SIZE": "128",
+            "RECSTREAM_TRAIN_THREADS": "1", "RECSTREAM_SERVING_VERSION_POLL_S": "0.2",
+            **SMALL_MODEL, **extra}
+
+
+def publish_settings(home: Path, redis_url: str, prefix: str, **extra: str) -> Settings:
+    return load_settings(publish_env(home, redis_url, prefix, **extra))
+
+
+def control_for(settings: Settings) -> ReleaseControl:
+    return ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+
+
+def released_champion(settings: Settings, dataset: Dataset, end_ms: int) -> str:
+    """Bootstrap on the events before ``end_ms``, publish it fully and release it."""
+    version = bootstrap_job(settings, dataset, None, end_ms, epochs=1, promote=True).version
+    control = control_for(settings)
+    control.publish(version, dataset)
+    control.promote(version)
+    return version
+
+
+def service_for(settings: Settings) -> RecallService:
+    pub = RedisFaissPublisher.from_settings(settings)
+    return RecallService(settings, pub.users, pub.indexes, Registry(settings.models_dir))
+
+
+def exact_answer(settings: Settings, dataset: Dataset, version: str, user_id: str, k: int,
+                 seen: set[str], user_emb: np.ndarray | None = None,
+                 item_overrides: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Top-k by exact inner product over the version's published item vectors, with the
+    user vector computed from ``user_emb`` (default: the registry's row)."""
+    bundle, _ = Registry(settings.models_dir).load(version)
+    features = Features.build(bundle, dataset.users, dataset.items)
+    catalog = sorted(set(map(str, dataset.catalog())) | set(bundle.item_vocab.ids))
+    items = item_vectors(bundle, features, catalog).numpy()
+    names = list(catalog)
+    for name, vec in (item_overrides or {}).items():
+        if name in names:
+            items[names.index(name)] = vec
+        else:
+            names.append(name)
+            items = np.vstack([items, vec[None]])
+    if user_emb is None:
+        user_emb = bundle.model.user.ids.weight[bundle.user_vocab.lookup([user_id])].numpy()
+    cat, multi = features.users.gather(torch.from_numpy(features.users.rows([user_id])))
+    with torch.no_grad():
+        query = bundle.model.user(torch.from_numpy(user_emb.reshape(1, -1)), cat, multi)
+    scores = items @ query.numpy()[0]
+    order = [i for i in np.argsort(-scores, kind="stable") if names[i] not in seen]
+    return [names[i] for i in order[:k]]
