@@ -401,12 +401,10 @@ class IndexStore:
                     (d / "deltas" / f"{n:012d}.npz").unlink(missing_ok=True)
 
     def exists(self, version: str) -> bool:
-        """Whether ``version`` is complete: meta.json present and its files' checksums match."""
-        try:
-            self._read_snapshot(version)
-        except IndexStoreError:
-            return False
-        return True
+        """Whether ``version`` was installed whole (its meta.json is written last, so a
+        present one means complete); ``load`` verifies the checksums. Cheap: the stream
+        asks before every delta."""
+        return (self._dir(version) / "meta.json").exists()
 
     def _listed(self) -> list[str]:
         """Version directories with a meta.json (hidden staging directories never match)."""
@@ -416,8 +414,8 @@ class IndexStore:
                       if _VERSION_NAME.fullmatch(p.name) and (p / "meta.json").exists())
 
     def versions(self) -> list[str]:
-        """Complete versions, by name; reads every version's files to check them."""
-        return [v for v in self._listed() if self.exists(v)]
+        """Installed versions, by name."""
+        return self._listed()
 
     def remove(self, version: str) -> None:
         """Delete a version (retention); readers see it whole or not at all."""

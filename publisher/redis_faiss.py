@@ -124,9 +124,9 @@ class RedisFaissPublisher:
                 index, _ = self._live.get(version) or self.indexes.load(version)
                 index.apply(names, vectors)
                 self._live = {version: (index, seq)}  # one version's index in memory
-                if seq % self.s.index.snapshot_every_deltas == 0:
+                if self.indexes.snapshot_due(version, seq):
                     self.indexes.snapshot(index, seq)
-            except (OSError, RuntimeError) as exc:
+            except (OSError, RuntimeError, ValueError) as exc:
                 self._live.pop(version, None)  # reload from files on the next delta
                 raise PublishError(f"index delta for {version}: {exc}") from exc
             return seq

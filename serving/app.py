@@ -153,9 +153,12 @@ def run_serving(settings: Settings, stop: Any = None) -> None:
 
     stop = StopFlag.for_daemon(stop)
     if settings.serving.threads:
+        import faiss
         import torch
 
+        # One thread per request already; OpenMP pools per request would oversubscribe.
         torch.set_num_threads(settings.serving.threads)
+        faiss.omp_set_num_threads(settings.serving.threads)
     pub = RedisFaissPublisher.from_settings(settings)
     service = RecallService(settings, pub.users, pub.indexes, Registry(settings.models_dir))
     with ReleaseWatcher(service, settings.serving.version_poll_s), \
