@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from streaming import SMALL_MODEL
 
 from batch.jobs import bootstrap_job
 from common.bundle import Features
@@ -17,7 +18,6 @@ from common.settings import Settings, load_settings
 from publisher.control import ReleaseControl
 from publisher.redis_faiss import RedisFaissPublisher
 from serving.recall import RecallService
-from streaming import SMALL_MODEL
 
 
 def publish_env(home: Path, redis_url: str, prefix: str, **extra: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from publishing import exact_answer, publish_settings, released_champion, service_for
 
 from common.dataset import Dataset
 from common.registry import Registry
@@ -18,7 +19,6 @@ from common.settings import Settings
 from common.synthetic import SyntheticConfig, generate
 from publisher.base import Delta, Interactions
 from publisher.redis_faiss import RedisFaissPublisher
-from publishing import exact_answer, publish_settings, released_champion, service_for
 from serving.app import serve_http
 from serving.recall import RecallService, wait_until_serving
 
