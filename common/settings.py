@@ -83,8 +83,8 @@ class IndexSettings(_Group):
 
     exact_max_items: int = Field(100_000, ge=1)
     ivf_nlist: int = Field(0, ge=0, description="IVF lists; 0 = about 4 x sqrt(items)")
-    ivf_nprobe: int = Field(64, ge=1, description="lists searched per query (recall@100 vs "
-                            "exact 0.96-0.99 on clustered data at 120k items; 32 gave 0.92)")
+    ivf_nprobe: int = Field(0, ge=0, description="lists searched per query; 0 = a quarter "
+                            "of the lists (see README: two-tower queries need many)")
     train_sample: int = Field(200_000, ge=1000, description="vectors the IVF quantiser is "
                               "trained on")
     snapshot_every_deltas: int = Field(

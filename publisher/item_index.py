@@ -69,6 +69,14 @@ def faiss_ids(names: Sequence[str]) -> np.ndarray:
     return (stable_hash(names) & np.uint64(0x7FFF_FFFF_FFFF_FFFF)).astype(np.int64)
 
 
+def nprobe_for(nlist: int, s: IndexSettings) -> int:
+    """Lists searched per query: the setting, or (0) a quarter of the lists. Two-tower
+    user vectors sit off the item manifold, so their top-100 spreads over many lists:
+    on trained tower outputs of 125k items (1024 lists) 64 lists found 0.80 of the exact
+    top-100, 128 found 0.90, 256 found 0.95+."""
+    return min(s.ivf_nprobe or max(1, nlist // 4), nlist)
+
+
 def auto_nlist(n: int) -> int:
     """IVF list count for ``n`` items: about 4 * sqrt(n), rounded to a power of two."""
     return 1 << max(0, round(math.log2(4 * math.sqrt(max(n, 1)))))
@@ -96,7 +104,7 @@ def _train_ivf(x: np.ndarray, s: IndexSettings) -> faiss.IndexIVFFlat:
     index.train(sample)
     # A hashtable direct map lets remove_ids and reconstruct find an id without a scan.
     index.set_direct_map_type(faiss.DirectMap.Hashtable)
-    index.nprobe = min(s.ivf_nprobe, nlist)
+    index.nprobe = nprobe_for(nlist, s)
     return index
 
 
@@ -330,7 +338,7 @@ class IndexStore:
         if index.ntotal != len(names):
             raise IndexCorruptError(f"{version!r}: {index.ntotal} vectors, {len(names)} names")
         if isinstance(index, faiss.IndexIVF):
-            index.nprobe = min(self.s.ivf_nprobe, index.nlist)  # a search knob: today's setting
+            index.nprobe = nprobe_for(index.nlist, self.s)  # a search knob: today's setting
         return ItemIndex(version, index, names)
 
     def _delta_seqs(self, version: str) -> list[int]:

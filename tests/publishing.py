@@ -73,3 +73,11 @@ def exact_answer(settings: Settings, dataset: Dataset, version: str, user_id: st
     scores = items @ query.numpy()[0]
     order = [i for i in np.argsort(-scores, kind="stable") if names[i] not in seen]
     return [names[i] for i in order[:k]]
+
+
+def published_item_vectors(settings: Settings, version: str) -> tuple[list[str], np.ndarray]:
+    """Every item of a version's index with the vector it holds now (deltas included)."""
+    index, _ = RedisFaissPublisher.from_settings(settings).indexes.load(version)
+    ids = list(index.names)
+    vectors = np.vstack([index.index.reconstruct(int(i)) for i in ids])
+    return [index.names[i] for i in ids], vectors

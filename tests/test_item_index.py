@@ -83,14 +83,14 @@ def test_ivf_above_exact_max_items_keeps_recall_at_100() -> None:
     index = ItemIndex.build("v1", names_of(120_000), items, IndexSettings())
     print(f"IVF build of 120k x 32: {time.perf_counter() - started:.2f} s")
     assert isinstance(index.index, faiss.IndexIVFFlat)
-    assert (index.index.nlist, index.index.nprobe) == (1024, IndexSettings().ivf_nprobe)
+    assert (index.index.nlist, index.index.nprobe) == (1024, 256)
     exact = faiss.IndexFlatIP(32)
     exact.add(items)
     _, truth = exact.search(queries, 100)
     found = result_names(index.search(queries, 100))
     recall = np.mean([len({f"item{j}" for j in t} & set(f)) / 100
                       for t, f in zip(truth, found, strict=True)])
-    print(f"recall@100 at nprobe 32: {recall:.3f}")
+    print(f"recall@100 at the default nprobe: {recall:.3f}")
     assert recall >= 0.95
 
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import RedisServer
-from publishing import control_for, exact_answer, released_champion, service_for
+from publishing import (
+    control_for,
+    exact_answer,
+    published_item_vectors,
+    released_champion,
+    service_for,
+)
 from streaming import produce, stream_settings, wait_for
 from test_stream_trainer import Running, _committed, _day
 
@@ -136,12 +142,4 @@ def test_rollback_while_streaming_serves_the_previous_version_within_a_second(
         assert len(answer.items) == 10
         assert [i for i, _ in answer.items] == exact_answer(
             settings, world.dataset, old, user, 10, set(service.users.seen(user)), emb,
-            _published_items(settings, old))
-
-
-def _published_items(settings: Settings, version: str) -> dict[str, np.ndarray]:
-    """Item vectors of a version as its index holds them now (deltas included)."""
-    index, _ = RedisFaissPublisher.from_settings(settings).indexes.load(version)
-    ids = list(index.names)
-    vectors = np.vstack([index.index.reconstruct(int(i)) for i in ids])
-    return {index.names[i]: v for i, v in zip(ids, vectors, strict=True)}
+            dict(zip(*published_item_vectors(settings, old), strict=True)))
