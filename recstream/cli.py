@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = pb_sub.add_parser("rollback", help="serve the previous version (or --to V) again")
     pr.add_argument("--to", type=_version_ref, default=None)
 
+    sub.add_parser("serve", help="the recall API: GET /recall?user_id=&k=, /healthz, /metrics")
+
     rd = sub.add_parser("redis", help="the embedded Redis of this RECSTREAM_HOME")
     rd.add_argument("action", choices=["start", "stop", "status"])
     return parser
@@ -281,6 +283,12 @@ def _date(ms: int) -> str:
     return format_day(ms - 1) if ms else "-"
 
 
+def _cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    from serving.app import run_serving
+
+    run_serving(settings)
+
+
 def _cmd_redis(settings: Settings, args: argparse.Namespace) -> None:
     from common.redis_server import home_redis
 
@@ -301,7 +309,8 @@ def _server_action(action: str, server: Any, address: Any) -> None:
 
 _COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo,
              "replay": _cmd_replay, "stream": _cmd_stream, "land": _cmd_land,
-             "broker": _cmd_broker, "redis": _cmd_redis, "publisher": _cmd_publisher}
+             "broker": _cmd_broker, "redis": _cmd_redis, "publisher": _cmd_publisher,
+             "serve": _cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
