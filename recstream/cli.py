@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, help="bootstrap epochs (default: "
                        "RECSTREAM_TRAIN_BOOTSTRAP_EPOCHS)")
     train.add_argument("--promote", action="store_true",
-                       help="make the new version champion right away")
+                       help="make the new version champion (with --publish: released to "
+                       "serving; a nightly after the stream's rebase or the timeout)")
+    train.add_argument("--publish", action="store_true",
+                       help="publish the new version to Redis and the FAISS index")
+    train.add_argument("--force", action="store_true",
+                       help="with --publish --promote: skip the metrics gate")
     train.add_argument("--source", choices=["dataset", "landed"], default="dataset",
                        help="nightly: the day's events from the data set or from the "
                        "lander's partitions under RECSTREAM_HOME/events (default: dataset)")
@@ -194,9 +199,29 @@ def _cmd_train(settings: Settings, args: argparse.Namespace) -> None:
             from common.landed import read_landed_day
 
             day_events = read_landed_day(settings.events_dir, args.day)
-        result = nightly_job(settings, dataset, parse_day(args.day), promote=args.promote,
-                             day_events=day_events)
+        result = nightly_job(settings, dataset, parse_day(args.day),
+                             promote=args.promote and not args.publish, day_events=day_events)
     print(json.dumps(asdict(result), indent=2))
+    if args.publish:
+        _publish_trained(settings, dataset, result.version, args)
+
+
+def _publish_trained(settings: Settings, dataset: Any, version: str,
+                     args: argparse.Namespace) -> None:
+    from publisher.control import ReleaseControl
+    from publisher.redis_faiss import RedisFaissPublisher
+
+    control = ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+    control.publish(version, dataset, progress=True)
+    released = control.pub.users.release().champion
+    if args.nightly and args.promote:
+        release = control.promote_when_rebased(version, force=args.force)
+    elif args.promote or released is None:
+        release = control.promote(version, force=args.force)
+    else:
+        print(f"published {version}; serving stays on {released}")
+        return
+    print(f"released {release.champion} (previous {release.previous})")
 
 
 def _cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
