@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -153,3 +154,37 @@ def test_delta_publish_records_seen_items(served: Served) -> None:
 def _unit(rng: np.random.Generator, dim: int) -> np.ndarray:
     v = rng.normal(size=dim).astype(np.float32)
     return v / np.linalg.norm(v)
+
+
+def test_requests_during_flips_are_all_answered_from_a_whole_version(served: Served) -> None:
+    from publishing import control_for
+
+    from batch.jobs import nightly_job
+
+    day = int(served.dataset.events.ts_ms.min()) // 86_400_000 * 86_400_000
+    nightly = nightly_job(served.settings, served.dataset, day).version
+    control = control_for(served.settings)
+    control.publish(nightly, served.dataset)
+    user, answers, stop = _warm_user(served), [], threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            answers.append(served.get(f"user_id={user}&k=10"))
+
+    askers = [threading.Thread(target=ask) for _ in range(3)]
+    for t in askers:
+        t.start()
+    try:
+        for _ in range(5):
+            control.promote(nightly, force=True)
+            served.service.refresh()
+            control.rollback()
+            served.service.refresh()
+    finally:
+        stop.set()
+        for t in askers:
+            t.join(10)
+    assert len(answers) > 10
+    assert all(status == 200 and body["fallback"] is None and len(body["items"]) == 10
+               and body["version"] in (served.version, nightly) for status, body in answers)
+    assert {body["version"] for _, body in answers} == {served.version, nightly}
