@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo lint bench bench-stream clean
+.PHONY: test demo lint bench bench-stream bench-publish clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench: $(STAMP)
 bench-stream: $(STAMP)
 	$(BIN)/python bench/stream_throughput.py --events 1000000 --interval 1 \
 		--json bench/results/stream_throughput.json
+
+bench-publish: $(STAMP)
+	$(BIN)/python bench/publish.py --users 1000000 --items 1000000 --json bench/results/publish.json
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

