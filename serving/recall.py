@@ -62,8 +62,8 @@ class RecallService:
         if served is None:
             raise NotReadyError("no model version is released yet")
         try:
-            rows = self.users.read(served.version, [user_id], served.redis_meta)
-            seen = set(self.users.seen(user_id))
+            rows, seen_list = self.users.read_with_seen(served.redis_meta, user_id)
+            seen = set(seen_list)
         except PublishError as exc:
             log.warning("user store unavailable; answering with popular items",
                         extra={"error": str(exc)})
