@@ -11,8 +11,9 @@ event applied, group join excluded; ``events_per_s_incl_join`` includes it).
 Phase B (freshness): the trainer runs on another fresh topic while a separate process
 replays events at ``--rate`` per second of wall time for ``--duration`` seconds; freshness
 is the trainer's own per-event figure, record timestamp (send time) to the step being
-recorded after its delta was handed to the file publisher (Redis publishing is the
-publisher issue's job) and its offsets committed.
+recorded after its delta was published and its offsets committed: with ``--publisher
+redis`` (the default, as ``recstream stream`` runs) users into Redis and items into the
+FAISS index's delta log, with ``files`` the file publisher's hand-off.
 
 Data: a synthetic world (100k users, 20k items at the start); the champion is bootstrapped
 for one epoch on the first ``--bootstrap-events`` events; the streamed events are the days
@@ -54,15 +55,19 @@ from common.broker import EmbeddedBroker  # noqa: E402
 from common.dataset import Dataset  # noqa: E402
 from common.events import Events  # noqa: E402
 from common.kafka_clients import ensure_topics, make_consumer  # noqa: E402
+from common.redis_server import EmbeddedRedis  # noqa: E402
 from common.settings import KafkaSettings, Settings, load_settings  # noqa: E402
 from common.shutdown import StopFlag  # noqa: E402
 from common.synthetic import SyntheticConfig, generate  # noqa: E402
 from common.wire import check_events  # noqa: E402
-from publisher.files import FilePublisher  # noqa: E402
+from publisher.control import ReleaseControl  # noqa: E402
+from publisher.redis_faiss import RedisFaissPublisher  # noqa: E402
 from stream.consumer import TrainerConsumer  # noqa: E402
+from stream.daemon import make_publisher  # noqa: E402
 from stream.replayer import CHUNK_EVENTS, EventProducer  # noqa: E402
 
 EVENTS_PER_DAY = 200_000
+_FRESH_TO = {"redis": "Redis + FAISS delta log", "files": "the file publisher hand-off"}
 TIMEOUT_S = 900.0  # for any one wait on the trainer; a stuck run fails instead of hanging
 
 
@@ -76,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bootstrap-events", type=int, default=50_000,
                    help="events the champion is trained on (one epoch)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--publisher", choices=["redis", "files"], default="redis",
+                   help="where deltas go (default: Redis + FAISS, as the daemon does)")
     p.add_argument("--json", type=Path, help="write every figure and the config here")
     return p.parse_args(argv)
 
@@ -83,14 +90,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -- set-up -------------------------------------------------------------------------------
 
 
-def make_settings(base: Settings, home: Path, bootstrap: str, name: str,
+def make_settings(base: Settings, home: Path, bootstrap: str, redis_url: str, name: str,
                   args: argparse.Namespace) -> Settings:
-    """The environment's settings on a temp home, one topic/DLQ/group of our own."""
+    """The environment's settings on a temp home, one topic/DLQ/group/prefix of our own."""
     return base.model_copy(update={"home": home}).with_overrides(
         kafka={"bootstrap": bootstrap, "topic": name, "dlq_topic": f"{name}.dlq",
                "partitions": args.partitions},
+        redis={"url": redis_url, "prefix": name},
         stream={"trainer_group": f"{name}-trainer", "update_interval_s": args.interval,
-                "trainer_metrics_port": 0, "lander_metrics_port": 0})
+                "trainer_metrics_port": 0, "lander_metrics_port": 0,
+                "publisher": args.publisher})
 
 
 def world(args: argparse.Namespace) -> tuple[Dataset, Events, Events]:
@@ -154,8 +163,7 @@ class TrainerThread:
 
     def __init__(self, settings: Settings, dataset: Dataset) -> None:
         self.stop = StopFlag()
-        self.trainer = TrainerConsumer(settings, dataset, FilePublisher(settings.home /
-                                                                        "published"),
+        self.trainer = TrainerConsumer(settings, dataset, make_publisher(settings),
                                        settings.kafka.bootstrap, stop=self.stop)
         self.first_record_at: float | None = None
         self.error: BaseException | None = None
@@ -299,6 +307,25 @@ def broker_for(base: Settings) -> Iterator[tuple[str, str]]:
         broker.stop()
 
 
+@contextmanager
+def redis_for(base: Settings, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """The configured Redis, else an embedded one started (and stopped); none for files."""
+    if args.publisher == "files":
+        yield "", "none (file publisher)"
+    elif base.redis.url:
+        yield base.redis.url, f"RECSTREAM_REDIS_URL={base.redis.url}"
+    else:
+        with EmbeddedRedis.start() as server:
+            yield server.url, "embedded valkey (no persistence)"
+
+
+def release(settings: Settings, dataset: Dataset, version: str) -> None:
+    """Publish the champion fully to Redis + FAISS and release it (the stream's target)."""
+    control = ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+    control.publish(version, dataset)
+    control.promote(version)
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     base = load_settings()
@@ -312,14 +339,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     home = Path(tempfile.mkdtemp(prefix="recstream-bench-"))
     run_id = uuid.uuid4().hex[:8]
     try:
-        with broker_for(base) as (bootstrap, broker_name):
-            a = make_settings(base, home, bootstrap, f"bench-{run_id}", args)
-            b = make_settings(base, home, bootstrap, f"bench-fresh-{run_id}", args)
+        with broker_for(base) as (bootstrap, broker_name), \
+                redis_for(base, args) as (redis_url, redis_name):
+            a = make_settings(base, home, bootstrap, redis_url, f"bench-{run_id}", args)
+            b = make_settings(base, home, bootstrap, redis_url, f"bench-fresh-{run_id}", args)
             for s in (a, b):
                 ensure_topics(s.kafka, bootstrap, [s.kafka.topic, s.kafka.dlq_topic])
             t0 = time.perf_counter()
-            bootstrap_job(a, dataset, None, int(history.ts_ms[-1]) + 1, epochs=1, promote=True)
+            version = bootstrap_job(a, dataset, None, int(history.ts_ms[-1]) + 1, epochs=1,
+                                    promote=True).version
             figures["bootstrap_s"] = round(time.perf_counter() - t0, 1)
+            if args.publisher == "redis":
+                for s in (a, b):  # one prefix each: phase B starts from the champion again
+                    release(s, dataset, version)
             if base.stream.threads:  # the trainer daemon's setting, as `recstream stream` does
                 torch.set_num_threads(base.stream.threads)
             backlog = after.take(np.arange(args.events))
@@ -333,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                                                       len(after))), args))
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    result = report(args, a, figures, broker_name)
+    result = report(args, a, figures, f"{broker_name}; redis: {redis_name}")
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return result
@@ -347,10 +379,10 @@ def report(args: argparse.Namespace, s: Settings, figures: dict[str, Any],
                                 "freshness_p50_s", "freshness_p99_s")}
     result.update(events=args.events, interval_s=args.interval, rate=args.rate,
                   partitions=args.partitions, threads=torch.get_num_threads(),
-                  freshness_to="file publisher hand-off",
+                  publisher=args.publisher,
+                  freshness_to=_FRESH_TO[args.publisher],
                   freshness_note="record timestamp (send time) to the step recorded after its "
-                  "delta was written by the FilePublisher and offsets committed; publishing "
-                  "to Redis/FAISS is the publisher issue's job and is not included")
+                  "delta was published and its offsets committed")
     result["details"] = figures
     result["config"] = {
         "duration_s": args.duration, "bootstrap_events": args.bootstrap_events,
@@ -377,7 +409,7 @@ def report(args: argparse.Namespace, s: Settings, figures: dict[str, Any],
             ("  steps / mean step / in steps", f"{f['steps']} / {f['mean_step_s']} s / "
              f"{f['share_in_steps']:.0%}"),
             (f"freshness at {f['achieved_rate']:,} ev/s", f"p50 {f['freshness_p50_s']} s, "
-             f"p99 {f['freshness_p99_s']} s (to the file publisher hand-off)")]
+             f"p99 {f['freshness_p99_s']} s (to {_FRESH_TO[args.publisher]})")]
     for name, value in rows:
         print(f"  {name:<32}{value}")
     return result

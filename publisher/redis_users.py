@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from common.settings import RedisSettings
 from publisher.base import PublishError
 
 WRITING, COMPLETE = "writing", "complete"
+_TRIM_EVERY = 8
 
 
 class VersionStateError(RuntimeError):
@@ -131,6 +133,7 @@ class UserStore:
 
     def __init__(self, client: RedisClient, rs: RedisSettings) -> None:
         self.r, self.rs, self.keys = client, rs, Layout(rs.prefix)
+        self._seen_calls = 0
 
     # -- versions ---------------------------------------------------------------------
 
@@ -257,20 +260,28 @@ class UserStore:
 
     def add_seen(self, user_ids: Sequence[str], item_ids: Sequence[str],
                  ts_ms: Sequence[int]) -> None:
-        """Record (user, item) interactions, keeping each user's ``seen_max`` latest;
-        idempotent, so a re-published delta changes nothing."""
+        """Record (user, item) interactions, keeping about each user's ``seen_max``
+        latest; idempotent, so a re-published delta changes nothing.
+
+        Trimming is the costly half (a command per user per delta), so a user is trimmed
+        when this call brings ``seen_max`` items or more, else on one call in
+        ``_TRIM_EVERY``: a set may exceed the cap by what a few deltas add."""
         if self.rs.seen_max == 0 or not len(user_ids):
             return
         per_user: dict[str, dict[str, int]] = {}
         for u, i, t in zip(user_ids, item_ids, ts_ms, strict=True):
             items = per_user.setdefault(u, {})
             items[i] = max(int(t), items.get(i, 0))
+        self._seen_calls += 1
+        turn, cap = self._seen_calls % _TRIM_EVERY, self.rs.seen_max
 
         def commands(p: Any) -> None:
             for u, items in per_user.items():
                 key = self.keys.seen(u)
-                p.zadd(key, items, gt=True)
-                p.zremrangebyrank(key, 0, -self.rs.seen_max - 1)
+                p.execute_command("ZADD", key, "GT",
+                                  *[x for i, t in items.items() for x in (t, i)])
+                if len(items) >= cap or zlib.crc32(u.encode()) % _TRIM_EVERY == turn:
+                    p.execute_command("ZREMRANGEBYRANK", key, 0, -cap - 1)
 
         self._pipe_call(commands)
 
