@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common.events import Events, parse_day
+from common.events import DAY_MS, Events, parse_day
 
 SCHEMA = pa.schema([
     ("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
@@ -107,6 +107,14 @@ def landed_watermark_ms(events_dir: Path) -> int | None:
         return None
     return max(pc.max(pq.read_table(p.path, columns=["ts_ms"]).column(0)).as_py()
                for p in landed_parts(events_dir, days[-1]))
+
+
+def landed_through(events_dir: Path, day: str, lateness_ms: int = 0) -> tuple[bool, int | None]:
+    """Whether ``day`` is completely landed: the watermark passed the next midnight by
+    ``lateness_ms`` (events arriving later than that miss the nightly); and the watermark."""
+    end = parse_day(day) + DAY_MS
+    watermark = landed_watermark_ms(events_dir)
+    return watermark is not None and watermark >= end + lateness_ms, watermark
 
 
 def read_event_ids(events_dir: Path, day: str) -> set[str]:

@@ -201,6 +201,32 @@ class EvalSettings(_Group):
     gate_tolerance: float = Field(0.02, ge=0)
 
 
+class NightlySettings(_Group):
+    """The nightly job (``recstream nightly``) and the scheduler daemon that runs it."""
+
+    cron: str = Field(
+        "0 2 * * *", description="when the scheduler runs the nightly: crontab fields minute "
+        "hour day month weekday (0 or 7 = Sunday), or six with seconds first")
+    timezone: str = Field("", description="IANA zone of the cron schedule; empty = the "
+                          "machine's local zone")
+    misfire_grace_s: int = Field(3600, ge=1, description="a run missed (scheduler down or "
+                                 "busy) by less than this still runs; missed runs coalesce")
+    lock_ttl_s: float = Field(60.0, ge=2, description="the Redis lock that keeps two "
+                              "schedulers apart expires this long after its holder stops "
+                              "renewing it")
+    catchup_days: int = Field(3, ge=1, description="at most this many not yet trained days "
+                              "per run, oldest first")
+    lateness_s: float = Field(600.0, ge=0, description="a day counts as landed once the "
+                              "lander's watermark passed the next midnight by this much")
+    holdout_fraction: float = Field(0.1, gt=0, lt=0.5, description="the day's latest events "
+                                    "held out to evaluate the candidate against the champion")
+    eval_max_users: int = Field(5000, ge=1, description="held-out users evaluated at most "
+                                "(a seeded sample)")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9412, ge=0, le=65535, description="the scheduler's /metrics; "
+                              "0 = no endpoint")
+
+
 class Settings(BaseModel):
     """Everything recstream can be configured with."""
 
@@ -219,6 +245,7 @@ class Settings(BaseModel):
     index: IndexSettings = IndexSettings()
     publisher: PublisherSettings = PublisherSettings()
     serving: ServingSettings = ServingSettings()
+    nightly: NightlySettings = NightlySettings()
 
     @property
     def models_dir(self) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 class GateRefusedError(RuntimeError):
     """The version's offline metrics do not allow promotion (override: ``--force``)."""
+
+
+class PromotionAbandonedError(RuntimeError):
+    """A wait for the stream's rebase was cut short; the champion is unchanged."""
 
 
 @dataclass(frozen=True)
@@ -123,12 +128,17 @@ class ReleaseControl:
         return self._flip(release, target, release.champion, "rollback", release.champion)
 
     def promote_when_rebased(self, version: str, timeout_s: float | None = None,
-                             poll_s: float = 0.5, force: bool = False) -> Release:
+                             poll_s: float = 0.5, force: bool = False,
+                             keep_waiting: Callable[[], bool] = lambda: True) -> Release:
         """Wait until the stream reports ``version`` caught up (or the timeout), then
-        promote: serving never loses the streamed updates since its cutoff."""
+        promote: serving never loses the streamed updates since its cutoff. When
+        ``keep_waiting`` turns false (a shutdown) it gives up without promoting."""
         timeout_s = self.s.publisher.rebase_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while self.pub.users.rebased(version) is None and time.monotonic() < deadline:
+            if not keep_waiting():
+                raise PromotionAbandonedError(f"stopped while waiting for the stream's "
+                                              f"rebase onto {version}; not promoted")
             time.sleep(poll_s)
         if self.pub.users.rebased(version) is None:
             log.warning("no rebase reported in time; promoting anyway",
@@ -137,15 +147,24 @@ class ReleaseControl:
 
     def gate(self, version: str, champion: str | None) -> None:
         """Refuse a version whose gate metric is missing, NaN or worse than the
-        champion's beyond the tolerance (no champion: nothing to compare with)."""
+        champion's beyond the tolerance (no champion: nothing to compare with).
+
+        A nightly evaluated the champion on its own held-out events: when that champion
+        is still the one, the comparison uses those figures (same events for both)."""
         if champion is None:
             return
         name, tol = self.s.eval.gate_metric, self.s.eval.gate_tolerance
-        value = self.registry.meta(version).get("metrics", {}).get(name)
+        meta = self.registry.meta(version)
+        value = meta.get("metrics", {}).get(name)
         if value is None or not math.isfinite(float(value)):
             raise GateRefusedError(f"{version} has no usable {name} ({value}); evaluate it "
                                    "or promote with --force")
-        best = self.registry.meta(champion).get("metrics", {}).get(name)
+        evaluated = meta.get("eval", {})
+        if evaluated.get("against") == champion and name in evaluated.get("champion_metrics",
+                                                                            {}):
+            best = evaluated["champion_metrics"][name]
+        else:
+            best = self.registry.meta(champion).get("metrics", {}).get(name)
         if best is not None and math.isfinite(float(best)) and value < best - tol:
             raise GateRefusedError(f"{version} {name}={value:.4f} is worse than champion "
                                    f"{champion}'s {best:.4f} beyond the tolerance {tol}; "

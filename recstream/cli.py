@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -91,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--source", choices=["dataset", "landed"], default="dataset",
                        help="nightly: the day's events from the data set or from the "
                        "lander's partitions under RECSTREAM_HOME/events (default: dataset)")
+
+    ng = sub.add_parser("nightly", help="the nightly job for one day: landed check, train, "
+                        "evaluate against the champion, gate, register, publish, promote "
+                        "after the stream's rebase")
+    _add_dataset_args(ng)
+    ng.add_argument("--day", type=_day, default=None,
+                    help="the UTC day to train on (default: yesterday)")
+    ng.add_argument("--source", choices=["landed", "dataset"], default="landed",
+                    help="the day's events from the lander's partitions (default; the day "
+                    "must be completely landed) or from the data set")
+
+    sc = sub.add_parser("schedule", help="the scheduler daemon: the nightly at "
+                        "RECSTREAM_NIGHTLY_CRON (default 02:00), /metrics on :9412")
+    _add_dataset_args(sc)
+    sc.add_argument("--run-now", action="store_true",
+                    help="run the nightly for the pending days once, now, and exit")
 
     ev = sub.add_parser("eval", help="offline evaluation of the two-tower against baselines")
     _add_dataset_args(ev)
@@ -208,10 +225,7 @@ def _cmd_train(settings: Settings, args: argparse.Namespace) -> None:
 
 def _publish_trained(settings: Settings, dataset: Any, version: str,
                      args: argparse.Namespace) -> None:
-    from publisher.control import ReleaseControl
-    from publisher.redis_faiss import RedisFaissPublisher
-
-    control = ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+    control = _release_control(settings)
     control.publish(version, dataset, progress=True)
     released = control.pub.users.release().champion
     if args.nightly and args.promote:
@@ -222,6 +236,49 @@ def _publish_trained(settings: Settings, dataset: Any, version: str,
         print(f"published {version}; serving stays on {released}")
         return
     print(f"released {release.champion} (previous {release.previous})")
+
+
+def _cmd_nightly(settings: Settings, args: argparse.Namespace) -> None:
+    from batch.metrics import NightlyMetrics
+    from batch.nightly import NightlyJob
+    from common.events import DAY_MS, format_day
+
+    day = args.day or format_day((int(time.time() * 1000) // DAY_MS - 1) * DAY_MS)
+    metrics = NightlyMetrics()
+    job = NightlyJob(settings, _dataset(settings, args), _release_control(settings), metrics,
+                     source=args.source, progress=_stderr_line)
+    report = job.run(day)
+    # For node_exporter's textfile collector: the scheduler serves these on /metrics.
+    metrics.write_textfile(settings.home / "metrics" / "nightly.prom")
+    print(json.dumps(asdict(report), indent=2))
+    if not report.ok:
+        raise RuntimeError(report.reason)
+
+
+def _cmd_schedule(settings: Settings, args: argparse.Namespace) -> None:
+    from batch.scheduler import NightlyScheduler, cron_trigger, run_scheduler_daemon
+
+    cron_trigger(settings.nightly.cron, settings.nightly.timezone)  # fail before anything
+    dataset, control = _dataset(settings, args), _release_control(settings)
+    if not args.run_now:
+        run_scheduler_daemon(settings, dataset, control)
+        return
+    reports = NightlyScheduler(settings, dataset, control, progress=_stderr_line).run_once()
+    print(json.dumps([asdict(r) for r in reports], indent=2))
+    failed = [r for r in reports if not r.ok]
+    if failed:
+        raise RuntimeError(failed[0].reason)
+
+
+def _release_control(settings: Settings) -> Any:
+    from publisher.control import ReleaseControl
+    from publisher.redis_faiss import RedisFaissPublisher
+
+    return ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+
+
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
@@ -278,10 +335,7 @@ def _cmd_broker(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _cmd_publisher(settings: Settings, args: argparse.Namespace) -> None:
-    from publisher.control import ReleaseControl
-    from publisher.redis_faiss import RedisFaissPublisher
-
-    control = ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+    control = _release_control(settings)
     command = args.publisher_command
     if command == "status":
         print(json.dumps(control.status(), indent=2))
@@ -335,7 +389,7 @@ def _server_action(action: str, server: Any, address: Any) -> None:
 _COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo,
              "replay": _cmd_replay, "stream": _cmd_stream, "land": _cmd_land,
              "broker": _cmd_broker, "redis": _cmd_redis, "publisher": _cmd_publisher,
-             "serve": _cmd_serve}
+             "serve": _cmd_serve, "nightly": _cmd_nightly, "schedule": _cmd_schedule}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from common.telemetry import register_build_info
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -12,6 +14,7 @@ class ServingMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        register_build_info(r)
         self.requests = Counter("recstream_serving_requests_total", "HTTP requests answered",
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("recstream_serving_request_seconds",
