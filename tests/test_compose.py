@@ -19,16 +19,18 @@ STATE_DIR = "/var/lib/recstream"
 INFRASTRUCTURE = {"kafka", "redis", "prometheus", "grafana"}
 DAEMONS = ("stream", "lander", "serving", "scheduler")
 
-# The port each daemon's settings say it listens on; the scheduler has no setting yet.
+# The port each daemon's settings say it listens on.
 CONFIGURED_PORT: dict[str, Callable[[Settings], int]] = {
     "stream": lambda s: s.stream.trainer_metrics_port,
     "lander": lambda s: s.stream.lander_metrics_port,
     "serving": lambda s: s.serving.port,
+    "scheduler": lambda s: s.nightly.metrics_port,
 }
 CONFIGURED_HOST: dict[str, Callable[[Settings], str]] = {
     "stream": lambda s: s.stream.metrics_host,
     "lander": lambda s: s.stream.metrics_host,
     "serving": lambda s: s.serving.host,
+    "scheduler": lambda s: s.nightly.metrics_host,
 }
 
 
@@ -121,8 +123,8 @@ def test_serving_health_is_its_healthz_endpoint(services: dict[str, Any]) -> Non
     assert "/healthz" in " ".join(services["serving"]["healthcheck"]["test"])
 
 
-@pytest.mark.parametrize("name", ["stream", "lander"])
-def test_consumer_health_is_its_metrics_endpoint(services: dict[str, Any], name: str) -> None:
+@pytest.mark.parametrize("name", ["stream", "lander", "scheduler"])
+def test_daemon_health_is_its_metrics_endpoint(services: dict[str, Any], name: str) -> None:
     settings = load_settings(environment(services[name]))
     port = CONFIGURED_PORT[name](settings)
     assert f":{port}/metrics" in " ".join(services[name]["healthcheck"]["test"])
@@ -236,11 +238,7 @@ def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
     assert {".venv", "var", ".git"} <= ignored
 
 
-@pytest.mark.parametrize("name", [
-    *[n for n in DAEMONS if n != "scheduler"],
-    pytest.param("scheduler", marks=pytest.mark.xfail(
-        strict=True, reason="recstream schedule arrives with the operations issue")),
-])
+@pytest.mark.parametrize("name", DAEMONS)
 def test_daemon_command_is_a_recstream_subcommand(services: dict[str, Any], name: str) -> None:
     command = services[name]["command"]
     try:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from batch.metrics import NightlyMetrics
 from serving.metrics import ServingMetrics
 from stream.lander import LanderMetrics
 from stream.metrics import TrainerMetrics
@@ -45,7 +46,7 @@ def exported_series() -> dict[str, frozenset[str]]:
     """Every series name the daemons' registries can export, with its label names."""
     series: dict[str, frozenset[str]] = {}
     for registry in (TrainerMetrics().registry, LanderMetrics().registry,
-                     ServingMetrics().registry):
+                     ServingMetrics().registry, NightlyMetrics().registry):
         label_names = _label_names(registry)
         for family in registry.collect():
             labels = label_names.get(family.name, frozenset()) | TARGET_LABELS
