@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -178,6 +178,20 @@ def prequential(model: OnlineScorer, catalog: np.ndarray, events: Events, k: int
     an event (in ``seen`` or earlier in the replay) are removed from that event's top-K,
     and positives on such items are skipped (``n_skipped_seen``): they cannot be hits.
     """
+    return prequential_arms({"model": model}, model.learn, catalog, events, (k,),
+                            chunk_events, chunk_ms, rating_threshold, exclude_seen, seen,
+                            batch_users)["model"][k]
+
+
+def prequential_arms(arms: Mapping[str, Scorer], learn: Callable[[Events], None],
+                     catalog: np.ndarray, events: Events, ks: Sequence[int] = (50,),
+                     chunk_events: int | None = 1000, chunk_ms: int | None = None,
+                     rating_threshold: float = 4.0, exclude_seen: bool = True,
+                     seen: Events | None = None, batch_users: int = 256
+                     ) -> dict[str, dict[int, PrequentialResult]]:
+    """``prequential`` for several models on the same queries: each chunk is scored by
+    every arm, then ``learn(chunk)`` runs once (e.g. one system advancing, compared
+    with and without its stream). Returns a result per arm and per k in ``ks``."""
     if chunk_events is None and chunk_ms is None:
         raise ValueError("set chunk_events, chunk_ms or both")
     catalog = np.asarray(catalog, dtype=object)
@@ -189,7 +203,7 @@ def prequential(model: OnlineScorer, catalog: np.ndarray, events: Events, k: int
         for user, col in zip(seen.user_id, catalog_columns(seen.item_id, catalog), strict=True):
             tracker.add(str(user), int(col))
     scored: list[np.ndarray] = []
-    hits: list[np.ndarray] = []
+    hits: dict[str, dict[int, list[np.ndarray]]] = {a: {k: [] for k in ks} for a in arms}
     skipped = {"seen": 0, "uncatalogued": 0}
     bounds = _chunk_bounds(events.ts_ms, chunk_events, chunk_ms)
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
@@ -197,13 +211,18 @@ def prequential(model: OnlineScorer, catalog: np.ndarray, events: Events, k: int
         for start in range(0, len(queries), batch_users):
             batch = queries[start: start + batch_users]
             scored.append(np.array([q[0] for q in batch], dtype=np.int64))
-            hits.append(_hits(model, catalog, batch, tracker, k, exclude_seen))
+            targets = np.array([q[2] for q in batch], dtype=np.int64)
+            for arm, model in arms.items():
+                top = _top(model, catalog, batch, tracker, max(ks), exclude_seen)
+                for k in ks:
+                    hits[arm][k].append((top[:, :k] == targets[:, None]).any(axis=1))
         # Test-then-train: the model learns the chunk only after every query above.
-        model.learn(events.take(np.arange(lo, hi)))
+        learn(events.take(np.arange(lo, hi)))
     idx = np.concatenate(scored) if scored else np.zeros(0, np.int64)
-    return PrequentialResult(k, events.user_id[idx], events.item_id[idx], events.ts_ms[idx],
-                             np.concatenate(hits) if hits else np.zeros(0, bool),
-                             skipped["seen"], skipped["uncatalogued"])
+    return {arm: {k: PrequentialResult(
+        k, events.user_id[idx], events.item_id[idx], events.ts_ms[idx],
+        np.concatenate(h) if h else np.zeros(0, bool), skipped["seen"],
+        skipped["uncatalogued"]) for k, h in per_k.items()} for arm, per_k in hits.items()}
 
 
 class _SeenTracker:
@@ -247,9 +266,9 @@ def _queries(events: Events, cols: np.ndarray, positive: np.ndarray, lo: int, hi
     return out
 
 
-def _hits(model: Scorer, catalog: np.ndarray, batch: list[tuple[int, str, int, int]],
-          tracker: _SeenTracker, k: int, exclude_seen: bool) -> np.ndarray:
-    """Whether each query's item is in its user's top-K under the model's current state."""
+def _top(model: Scorer, catalog: np.ndarray, batch: list[tuple[int, str, int, int]],
+         tracker: _SeenTracker, k: int, exclude_seen: bool) -> np.ndarray:
+    """Each query's top-K catalogue columns under the model's current state, best first."""
     uniq, inverse = np.unique(np.asarray([q[1] for q in batch], dtype=str), return_inverse=True)
     scores = _checked(model.score(uniq.tolist()), len(uniq), len(catalog))[inverse]
     exclude = None
@@ -257,8 +276,7 @@ def _hits(model: Scorer, catalog: np.ndarray, batch: list[tuple[int, str, int, i
         exclude = np.zeros(scores.shape, dtype=bool)
         for r, (_, user, _, n_seen) in enumerate(batch):
             exclude[r, tracker.prefix(user, n_seen)] = True
-    targets = np.array([q[2] for q in batch], dtype=np.int64)
-    return (top_k(scores, k, exclude) == targets[:, None]).any(axis=1)
+    return top_k(scores, k, exclude)
 
 
 def _chunk_bounds(ts_ms: np.ndarray, chunk_events: int | None,

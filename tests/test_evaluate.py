@@ -7,7 +7,7 @@ import pytest
 from factories import events_from_rows as _events
 
 from common.baselines import PopularityScorer
-from common.evaluate import evaluate_scorer, prequential, temporal_split
+from common.evaluate import evaluate_scorer, prequential, prequential_arms, temporal_split
 from common.events import DAY_MS, Events
 
 CATALOG = np.array(["a", "b", "c", "d", "e"], dtype=object)
@@ -232,3 +232,24 @@ def test_prequential_breakdowns_by_day_and_user() -> None:
 def test_prequential_needs_a_chunking_rule() -> None:
     with pytest.raises(ValueError, match="chunk"):
         prequential(LastItemModel(CATALOG), CATALOG, Events.empty(), chunk_events=None)
+
+
+def test_arms_share_the_queries_and_learn_once_per_chunk() -> None:
+    rng = np.random.default_rng(1)
+    ev = _events([(f"u{rng.integers(6)}", CATALOG[rng.integers(5)], t) for t in range(60)])
+    chunks: list[int] = []
+    arms = {"fixed": FixedScorerModel([5, 4, 3, 2, 1]), "last": LastItemModel(CATALOG)}
+
+    def learn(chunk: Events) -> None:
+        chunks.append(len(chunk))
+        arms["last"].learn(chunk)
+
+    both = prequential_arms(arms, learn, CATALOG, ev, ks=(1, 3), chunk_events=7)
+    assert chunks == [7] * 8 + [4]
+    alone = {"fixed": prequential(FixedScorerModel([5, 4, 3, 2, 1]), CATALOG, ev, k=3,
+                                  chunk_events=7),
+             "last": prequential(LastItemModel(CATALOG), CATALOG, ev, k=3, chunk_events=7)}
+    for arm, result in alone.items():
+        assert both[arm][3].hit.tolist() == result.hit.tolist()
+        assert both[arm][1].hit.sum() <= both[arm][3].hit.sum()
+    assert both["fixed"][3].hit.tolist() != both["last"][3].hit.tolist()
