@@ -34,6 +34,7 @@ from common.freq import stable_hash
 from common.redis_client import RedisClient
 from common.settings import RedisSettings
 from publisher.base import PublishError
+from publisher.resp import Commands, execute
 
 WRITING, COMPLETE = "writing", "complete"
 _TRIM_EVERY = 8
@@ -196,28 +197,28 @@ class UserStore:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         feats = None if features is None else np.ascontiguousarray(features, dtype=np.int32)
         for commands in self._hset_batches(meta, list(user_ids), vectors, feats):
-            self._pipe_call(commands)
+            self._execute(commands)
 
     def _hset_batches(self, meta: VersionMeta, ids: list[str], vectors: np.ndarray,
-                      feats: np.ndarray | None) -> Iterator[Any]:
+                      feats: np.ndarray | None) -> Iterator[Commands]:
         buckets = buckets_of(ids, meta.buckets)
         order = np.argsort(buckets, kind="stable")
         bucket_of = buckets[order]
         starts = np.flatnonzero(np.r_[True, bucket_of[1:] != bucket_of[:-1]])
         ends = np.r_[starts[1:], len(order)]
-        batch: list[tuple[str, list[Any]]] = []
-        fields = 0
+        names = [u.encode() for u in ids]
+        commands, fields = Commands(), 0
         for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
             b, rows = int(bucket_of[lo]), order[lo:hi]
-            batch.append((self.keys.emb(meta.version, b), _pairs(ids, rows, vectors)))
+            commands.extend(_hset(self.keys.emb(meta.version, b), names, rows, vectors))
             if feats is not None and feats.shape[1]:
-                batch.append((self.keys.feat(meta.version, b), _pairs(ids, rows, feats)))
+                commands.extend(_hset(self.keys.feat(meta.version, b), names, rows, feats))
             fields += hi - lo
             if fields >= self.rs.pipeline_fields:
-                yield _hsets(batch)
-                batch, fields = [], 0
-        if batch:
-            yield _hsets(batch)
+                yield commands
+                commands, fields = Commands(), 0
+        if commands:
+            yield commands
 
     def read(self, version: str, user_ids: Sequence[str],
              meta: VersionMeta | None = None) -> UserRows:
@@ -274,16 +275,20 @@ class UserStore:
             items[i] = max(int(t), items.get(i, 0))
         self._seen_calls += 1
         turn, cap = self._seen_calls % _TRIM_EVERY, self.rs.seen_max
-
-        def commands(p: Any) -> None:
-            for u, items in per_user.items():
-                key = self.keys.seen(u)
-                p.execute_command("ZADD", key, "GT",
-                                  *[x for i, t in items.items() for x in (t, i)])
-                if len(items) >= cap or zlib.crc32(u.encode()) % _TRIM_EVERY == turn:
-                    p.execute_command("ZREMRANGEBYRANK", key, 0, -cap - 1)
-
-        self._pipe_call(commands)
+        keep_from = b"%d" % (-cap - 1)
+        commands = Commands()
+        for u, items in per_user.items():
+            key = self.keys.seen(u).encode()
+            args = [b"ZADD", key, b"GT"]
+            for i, t in items.items():
+                args += (b"%d" % t, i.encode())
+            commands.extend(args)
+            if len(items) >= cap or zlib.crc32(u.encode()) % _TRIM_EVERY == turn:
+                commands.add(b"ZREMRANGEBYRANK", key, b"0", keep_from)
+            if commands.args >= 2 * self.rs.pipeline_fields:
+                self._execute(commands)
+                commands = Commands()
+        self._execute(commands)
 
     def seen(self, user_id: str) -> list[str]:
         return [m.decode() for m in self._call(self.r.zrange, self.keys.seen(user_id), 0, -1)]
@@ -346,6 +351,12 @@ class UserStore:
         except redis.RedisError as exc:
             raise PublishError(f"redis: {exc}") from exc
 
+    def _execute(self, commands: Commands) -> None:
+        try:
+            execute(self.r, commands)
+        except redis.RedisError as exc:
+            raise PublishError(f"redis: {exc}") from exc
+
     def _pipe_call(self, commands: Any) -> list[Any]:
         try:
             with self.r.pipeline(transaction=False) as p:
@@ -355,17 +366,11 @@ class UserStore:
             raise PublishError(f"redis: {exc}") from exc
 
 
-def _pairs(ids: list[str], rows: np.ndarray, values: np.ndarray) -> list[Any]:
+def _hset(key: str, names: list[bytes], rows: np.ndarray, values: np.ndarray) -> list[bytes]:
+    """HSET of ``key`` with field ``names[r]`` = the bytes of ``values[r]`` for each row."""
     blob = values[rows].tobytes()
     width = values.shape[1] * values.itemsize
-    out: list[Any] = []
+    args = [b"HSET", key.encode()]
     for j, r in enumerate(rows.tolist()):
-        out += (ids[r], blob[j * width:(j + 1) * width])
-    return out
-
-
-def _hsets(batch: list[tuple[str, list[Any]]]) -> Any:
-    def commands(p: Any) -> None:
-        for key, flat in batch:
-            p.execute_command("HSET", key, *flat)
-    return commands
+        args += (names[r], blob[j * width:(j + 1) * width])
+    return args
