@@ -14,6 +14,9 @@ the slice onto it: nothing is lost by holding it out.
 (3, 1, 3)
 >>> decide({"recall@50": 0.30}, {"recall@50": 0.31}, "recall@50", 0.02, loss=1.2).passed
 True
+>>> decide({"recall@50": 0.1, "n_users": 9}, {"recall@50": 0.3}, "recall@50", 0.02, 1.2,
+...        min_users=50).reason
+'9 held-out users (fewer than 50): figures not compared'
 >>> print(decide({"recall@50": 0.20}, {"recall@50": 0.31}, "recall@50", 0.02, loss=1.2).reason)
 recall@50=0.2000 is worse than the champion's 0.3100 on the same held-out events (tolerance 0.02)
 """
@@ -76,13 +79,20 @@ def evaluate_on_holdout(settings: Settings, dataset: Dataset, bundle: ModelBundl
 
 
 def decide(candidate: dict[str, float], champion: dict[str, float] | None, metric: str,
-           tolerance: float, loss: float) -> GateDecision:
+           tolerance: float, loss: float, min_users: int = 0) -> GateDecision:
     """Refuse a NaN/inf loss or metric, or a metric below the champion's minus
-    ``tolerance`` on the same events (no champion figures: only the first two checks)."""
+    ``tolerance`` on the same events (no champion figures: only the first two checks).
+
+    With fewer than ``min_users`` held-out users the figures are noise: only the loss
+    is checked, and the decision says so."""
     value = float(candidate.get(metric, float("nan")))
     best = None if champion is None else float(champion.get(metric, float("nan")))
     if not math.isfinite(loss):
         return GateDecision(False, f"training loss is {loss}", metric, value, best)
+    users = int(candidate.get("n_users", min_users))
+    if users < min_users:
+        return GateDecision(True, f"{users} held-out users (fewer than {min_users}): "
+                            "figures not compared", metric, value, best)
     if not math.isfinite(value):
         return GateDecision(False, f"{metric} is {value} (no held-out user had a positive?)",
                             metric, value, best)

@@ -143,7 +143,8 @@ class NightlyJob:
                 self.metrics.eval.labels(name, "champion").set(report.champion_metrics[name])
         with self._step("gate", report):
             decision = decide(report.metrics, report.champion_metrics, self.s.eval.gate_metric,
-                              self.s.eval.gate_tolerance, stats.final_loss)
+                              self.s.eval.gate_tolerance, stats.final_loss,
+                              self.s.nightly.gate_min_users)
             self.metrics.gate.labels("pass" if decision.passed else "refuse").inc()
             if not decision.passed:
                 raise NightlyError("gate", decision.reason)

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from common.bundle import Features, ModelBundle, encode_examples
+from common.dataset import Dataset
 from common.events import Events
 from common.model import Tower
+from common.registry import Registry
 from common.training import Trainer
 
 _CHUNK = 65_536
@@ -77,3 +79,20 @@ class TwoTowerScorer:
             if len(idx) >= 2:
                 self.trainer.step(examples.take(idx))
         self._items = item_vectors(self.bundle, self.features, self.catalog)
+
+
+class ChampionScorer:
+    """Scores with the version the registry names champion at each call (its weights as
+    trained, without the stream's updates): the nightly-only arm of the demo."""
+
+    def __init__(self, registry: Registry, dataset: Dataset, catalog: np.ndarray) -> None:
+        self.registry, self.dataset, self.catalog = registry, dataset, catalog
+        self._scorer: tuple[str, TwoTowerScorer] | None = None
+
+    def score(self, user_ids: Sequence[str]) -> np.ndarray:
+        version = self.registry.resolve("champion")
+        if self._scorer is None or self._scorer[0] != version:
+            bundle, _ = self.registry.load(version)
+            features = Features.build(bundle, self.dataset.users, self.dataset.items)
+            self._scorer = (version, TwoTowerScorer(bundle, features, self.catalog))
+        return self._scorer[1].score(user_ids)

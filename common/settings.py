@@ -222,9 +222,19 @@ class NightlySettings(_Group):
                                     "held out to evaluate the candidate against the champion")
     eval_max_users: int = Field(5000, ge=1, description="held-out users evaluated at most "
                                 "(a seeded sample)")
+    gate_min_users: int = Field(100, ge=0, description="with fewer held-out users the gate "
+                                "compares no figures (they are noise); it still refuses a "
+                                "NaN/inf loss")
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9412, ge=0, le=65535, description="the scheduler's /metrics; "
                               "0 = no endpoint")
+    guard_events: int = Field(2000, ge=0, description="after a promotion, score the new and "
+                              "the previous champion on this many streamed positives and "
+                              "roll back a worse one; 0 = no guard")
+    guard_tolerance: float = Field(0.02, ge=0, description="roll back when the new "
+                                   "champion's recall is below the previous one's by more")
+    guard_timeout_s: float = Field(3600.0, gt=0, description="give up (no decision) when "
+                                   "the events have not streamed in by then")
 
 
 class Settings(BaseModel):

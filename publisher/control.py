@@ -150,21 +150,19 @@ class ReleaseControl:
         champion's beyond the tolerance (no champion: nothing to compare with).
 
         A nightly evaluated the champion on its own held-out events: when that champion
-        is still the one, the comparison uses those figures (same events for both)."""
+        is still the one, the nightly's decision on those events stands."""
         if champion is None:
             return
         name, tol = self.s.eval.gate_metric, self.s.eval.gate_tolerance
         meta = self.registry.meta(version)
+        evaluated = meta.get("eval", {})
+        if evaluated.get("against") == champion and evaluated.get("gate", {}).get("passed"):
+            return
         value = meta.get("metrics", {}).get(name)
         if value is None or not math.isfinite(float(value)):
             raise GateRefusedError(f"{version} has no usable {name} ({value}); evaluate it "
                                    "or promote with --force")
-        evaluated = meta.get("eval", {})
-        if evaluated.get("against") == champion and name in evaluated.get("champion_metrics",
-                                                                            {}):
-            best = evaluated["champion_metrics"][name]
-        else:
-            best = self.registry.meta(champion).get("metrics", {}).get(name)
+        best = self.registry.meta(champion).get("metrics", {}).get(name)
         if best is not None and math.isfinite(float(best)) and value < best - tol:
             raise GateRefusedError(f"{version} {name}={value:.4f} is worse than champion "
                                    f"{champion}'s {best:.4f} beyond the tolerance {tol}; "
