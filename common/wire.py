@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, NamedTuple
 
@@ -175,6 +175,94 @@ def to_events(batch: Iterable[WireEvent]) -> Events:
     return Events(col(event_id), col(user_id), col(item_id), col(event_type),
                   np.array([np.nan if v is None else v for v in value], np.float32),
                   np.array(ts_ms, np.int64))
+
+
+class DecodedBatch(NamedTuple):
+    """Many records decoded at once: the valid ones' events, and why the others failed."""
+
+    events: Events  # the valid records' events, in record order (context dropped)
+    valid: np.ndarray  # bool per record
+    rejects: list[tuple[int, str]]  # (record index, reason) of each invalid record
+
+
+def decode_batch(raws: Sequence[bytes | None],
+                 max_bytes: int | None = DEFAULT_MAX_BYTES) -> DecodedBatch:
+    """``decode_event`` over many records, straight into columns: the same events and the
+    same rejects with the same reasons.
+
+    A batch of plain events is checked column by column; a batch with anything unusual
+    in it (a reject, a context) is decoded record by record instead.
+
+    >>> ok = encode_event({"event_id": "e1", "user_id": "u1", "item_id": "i1",
+    ...                    "event_type": "click", "ts_ms": 1_700_000_000_000})
+    >>> batch = decode_batch([ok, b"{}"])
+    >>> batch.events.item_id.tolist(), batch.valid.tolist(), batch.rejects
+    (['i1'], [True, False], [(1, 'missing field: event_id')])
+    """
+    fast = _decode_plain(raws, max_bytes)
+    return fast if fast is not None else _decode_each(raws, max_bytes)
+
+
+def _decode_each(raws: Sequence[bytes | None], max_bytes: int | None) -> DecodedBatch:
+    events, rejects = [], []
+    for n, raw in enumerate(raws):
+        try:
+            events.append(decode_event(raw, max_bytes))
+        except InvalidEventError as exc:
+            rejects.append((n, exc.reason))
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop a consumer
+            rejects.append((n, f"internal: decoder raised {type(exc).__name__}"))
+    valid = np.ones(len(raws), bool)
+    valid[[n for n, _ in rejects]] = False
+    return DecodedBatch(to_events(events), valid, rejects)
+
+
+def _decode_plain(raws: Sequence[bytes | None], max_bytes: int | None) -> DecodedBatch | None:
+    """The batch decoded column by column if every record is a plain valid event (all
+    six fields, no context), else None."""
+    if not raws:
+        return None
+    try:
+        if max_bytes is not None and max(map(len, raws)) > max_bytes:  # type: ignore[arg-type]
+            return None
+        ds = list(map(_loads, raws))  # type: ignore[arg-type]
+        if set(map(type, ds)) != {dict} or set(map(len, ds)) != {len(_PLAIN)}:
+            return None
+        e, u, i = ([d["event_id"] for d in ds], [d["user_id"] for d in ds],
+                   [d["item_id"] for d in ds])
+        t, v, ts = ([d["event_type"] for d in ds], [d["value"] for d in ds],
+                    [d["ts_ms"] for d in ds])
+        if not (all(_plain_ids(c) for c in (e, u, i)) and set(map(type, t)) == {str}
+                and set(t) <= EVENT_TYPES and set(map(type, ts)) == {int}
+                and set(map(type, v)) <= _VALUE_TYPES):
+            return None
+        ts_ms = np.array(ts, np.int64)
+        value = np.array(v, np.float64)  # None -> NaN; JSON itself has no NaN
+    except (ValueError, TypeError, KeyError, OverflowError):
+        return None
+    types = _object_column(t)
+    if ((ts_ms < MIN_TS_MS) | (ts_ms >= MAX_TS_MS)).any() or np.isinf(value).any() \
+            or (np.isnan(value) & (types == RATING)).any():
+        return None
+    events = Events(_object_column(e), _object_column(u), _object_column(i), types,
+                    value.astype(np.float32), ts_ms)
+    return DecodedBatch(events, np.ones(len(raws), bool), [])
+
+
+_VALUE_TYPES = frozenset({float, int, type(None)})
+
+
+def _plain_ids(column: list[Any]) -> bool:
+    if set(map(type, column)) != {str}:
+        return False
+    lengths = list(map(len, column))
+    return min(lengths) > 0 and max(lengths) <= MAX_ID_CHARS
+
+
+def _object_column(values: Sequence[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 # -- whole batches, for producers: the checks above vectorised, the encoding in bulk --

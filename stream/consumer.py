@@ -19,20 +19,21 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from common.dataset import Dataset
+from common.events import Events
 from common.kafka_clients import make_consumer, make_producer, record_lag
 from common.registry import Registry, RegistryError
 from common.settings import Settings
 from common.shutdown import StopFlag
 from common.training import TrainingDivergedError
-from common.wire import to_events
 from publisher.base import Delta, Publisher, PublishError
 from stream.checkpoint import CheckpointMeta, load_checkpoint, restore_into, save_checkpoint
-from stream.intake import Entry, Intake
+from stream.intake import Chunk, Intake
 from stream.learner import LearnOutput, StreamLearner, stream_train_settings
 from stream.lock import exclusive_lock
 from stream.metrics import TrainerMetrics
@@ -50,7 +51,7 @@ class StepAbandonedError(RuntimeError):
 class PendingStep:
     """A step handed to the learner thread: what it covers and its result to come."""
 
-    entries: list[Entry]
+    chunks: list[Chunk]
     offsets: dict[int, int]  # the state's offsets once this step is applied
     started: float
     future: Future[tuple[LearnOutput, Delta, PublishError | None]]
@@ -80,7 +81,7 @@ class TrainerConsumer:
         self.registry = Registry(settings.models_dir)
         self.ckpt_dir = settings.checkpoints_dir / "trainer"
         self.topic = settings.kafka.topic
-        self.buffer: deque[Entry] = deque()
+        self.buffer: deque[Chunk] = deque()
         self.buffered_events = 0
         self.batch_started: float | None = None
         self.freshness: deque[float] = deque(maxlen=1_000_000)
@@ -167,7 +168,7 @@ class TrainerConsumer:
                 self.poll_once()
             self._finish_step(block=True)
             if self.buffer and not self._enough_steps():
-                self._step(self._take(len(self.buffer)))
+                self._step(self._take(self.buffered_events))
         except StepAbandonedError:
             log.warning("stopped with an unpublished step: nothing committed or checkpointed; "
                         "a restart replays it")
@@ -183,10 +184,10 @@ class TrainerConsumer:
     def poll_once(self) -> None:
         """One poll and whatever steps, rebases and gauges are due."""
         batch = self.consumer.poll(timeout_ms=self.s.stream.poll_timeout_ms)
-        for records in batch.values():
-            entries = self.intake.decode(records)
-            self.buffer.extend(entries)
-            self.buffered_events += sum(e.event is not None for e in entries)
+        for tp, records in batch.items():
+            chunk = self.intake.decode(tp.partition, records)
+            self.buffer.append(chunk)
+            self.buffered_events += chunk.n_events
             if self.batch_started is None:
                 self.batch_started = time.monotonic()
         self._finish_step(block=False)
@@ -214,15 +215,17 @@ class TrainerConsumer:
         assert self.batch_started is not None
         return time.monotonic() - self.batch_started >= self.s.stream.update_interval_s
 
-    def _take(self, max_events: int) -> list[Entry]:
-        """The oldest entries holding up to ``max_events`` valid events (a prefix per
+    def _take(self, max_events: int) -> list[Chunk]:
+        """The oldest records holding up to ``max_events`` valid events (a prefix per
         partition, so the step's offsets cover exactly what it took)."""
-        out: list[Entry] = []
+        out: list[Chunk] = []
         n = 0
-        while self.buffer and (n < max_events or self.buffer[0].event is None):
-            entry = self.buffer.popleft()
-            n += entry.event is not None
-            out.append(entry)
+        while self.buffer and (n < max_events or not self.buffer[0].n_events):
+            head, rest = self.buffer.popleft().split(max_events - n)
+            out.append(head)
+            n += head.n_events
+            if len(rest):
+                self.buffer.appendleft(rest)
         self.buffered_events -= n
         self.batch_started = time.monotonic() if self.buffer else None
         return out
@@ -232,16 +235,16 @@ class TrainerConsumer:
     # A step learns and publishes on the learner thread while this thread keeps polling
     # (torch releases the GIL); committing and checkpointing stay on this thread.
 
-    def _step(self, entries: list[Entry]) -> None:
+    def _step(self, chunks: list[Chunk]) -> None:
         """One whole step, synchronously."""
-        self._start_step(entries)
+        self._start_step(chunks)
         self._finish_step(block=True)
 
-    def _start_step(self, entries: list[Entry]) -> None:
-        first_sight = {}
-        for e in entries:
-            if e.partition not in self.offsets and e.partition not in first_sight:
-                first_sight[e.partition] = e.offset
+    def _start_step(self, chunks: list[Chunk]) -> None:
+        first_sight: dict[int, int] = {}
+        for c in chunks:
+            if c.partition not in self.offsets and len(c):
+                first_sight.setdefault(c.partition, int(c.offsets[0]))
         if first_sight:
             # Record where the state starts reading a partition before any offset of it
             # is committed: otherwise a crash before the next checkpoint would resume at
@@ -249,14 +252,15 @@ class TrainerConsumer:
             self.offsets.update(first_sight)
             self.checkpoint(force=True)
         offsets = dict(self.offsets)
-        for e in entries:
-            offsets[e.partition] = e.offset + 1  # entries are in offset order per partition
-        self.pending = PendingStep(entries, offsets, time.perf_counter(), self._pool.submit(
-            self._learn_and_publish, entries, offsets, self.step_no + 1))
+        for c in chunks:
+            if len(c):  # chunks are in offset order per partition
+                offsets[c.partition] = int(c.offsets[-1]) + 1
+        self.pending = PendingStep(chunks, offsets, time.perf_counter(), self._pool.submit(
+            self._learn_and_publish, chunks, offsets, self.step_no + 1))
 
-    def _learn_and_publish(self, entries: list[Entry], offsets: dict[int, int],
+    def _learn_and_publish(self, chunks: list[Chunk], offsets: dict[int, int],
                            step_no: int) -> tuple[LearnOutput, Delta, PublishError | None]:
-        events = to_events(e.event for e in entries if e.event is not None)
+        events = Events.concat(c.events for c in chunks)
         out = self._learn(events, step_no)
         delta = out.delta(self.learner.version, offsets,
                           int(events.ts_ms.max()) if len(events) else 0, step_no)
@@ -278,7 +282,7 @@ class TrainerConsumer:
         self.intake.flush()  # the dead letters this step covers, before its offsets move on
         # Only now, with the delta durable, may the offsets move on.
         self._commit(delta.offsets)
-        self._record(step.entries, delta.offsets, out, time.perf_counter() - step.started)
+        self._record(step.chunks, delta.offsets, out, time.perf_counter() - step.started)
         self.pending = None
         if self.step_no - self.last_checkpoint_step >= self.s.stream.checkpoint_every_steps:
             self.checkpoint()
@@ -338,18 +342,19 @@ class TrainerConsumer:
             # The checkpoint, not the group's offsets, decides where a restart resumes.
             log.warning("offset commit failed", extra={"error": str(exc)})
 
-    def _record(self, entries: list[Entry], offsets: dict[int, int], out: LearnOutput,
+    def _record(self, chunks: list[Chunk], offsets: dict[int, int], out: LearnOutput,
                 seconds: float) -> None:
         now_ms = time.time() * 1000
-        fresh = [(now_ms - e.record_ts_ms) / 1000 for e in entries if e.event is not None]
+        stamps = [c.record_ts_ms[c.valid] for c in chunks]
+        fresh = ((now_ms - np.concatenate(stamps)) / 1000 if stamps else np.zeros(0)).tolist()
         self.freshness.extend(fresh)
         self.metrics.observe_freshness(fresh)
         first: dict[int, int] = {}
         max_ts: dict[int, int] = {}
-        for e in entries:
-            if e.event is not None:
-                first.setdefault(e.partition, e.offset)
-                max_ts[e.partition] = max(max_ts.get(e.partition, 0), e.event.ts_ms)
+        for c in chunks:
+            if c.n_events:
+                first.setdefault(c.partition, int(c.offsets[c.valid][0]))
+                max_ts[c.partition] = max(max_ts.get(c.partition, 0), int(c.events.ts_ms.max()))
         for p, off in first.items():
             self.time_index.add(p, off, max_ts[p])
         self.offsets = offsets
@@ -399,7 +404,7 @@ class TrainerConsumer:
         """
         self._finish_step(block=True)
         if self.buffer:
-            self._step(self._take(len(self.buffer)))
+            self._step(self._take(self.buffered_events))
         bundle, meta = self.registry.load(version)
         learner = StreamLearner(bundle, self.dataset, stream_train_settings(self.s), version)
         replayed = replay_since(self, learner, int(meta["cutoff_ms"]))

@@ -7,21 +7,46 @@ before the offsets that cover them are committed (``flush``).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 from kafka import KafkaProducer
 
-from common.wire import InvalidEventError, WireEvent, decode_event
+from common.events import Events
+from common.wire import decode_batch
 from stream.metrics import TrainerMetrics
 
 
-class Entry(NamedTuple):
-    """One consumed record: its event (None if dead-lettered) and where it was read."""
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive records of one partition: where each was read, whether it was valid,
+    and the valid ones' events in columns."""
 
-    event: WireEvent | None
     partition: int
-    offset: int
-    record_ts_ms: int
+    offsets: np.ndarray  # int64, one per record, increasing
+    record_ts_ms: np.ndarray  # int64, one per record
+    valid: np.ndarray  # bool, one per record (False: dead-lettered)
+    events: Events  # one per valid record, in record order
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def n_events(self) -> int:
+        return len(self.events)
+
+    def split(self, max_events: int) -> tuple[Chunk, Chunk]:
+        """The records before the valid one after ``max_events`` valid ones, and the rest
+        (so dead letters right after the last event taken go with it)."""
+        valid_at = np.flatnonzero(self.valid)
+        cut = len(self) if max_events >= len(valid_at) else int(valid_at[max_events])
+        return self._slice(0, cut), self._slice(cut, len(self))
+
+    def _slice(self, lo: int, hi: int) -> Chunk:
+        first, n = int(self.valid[:lo].sum()), int(self.valid[lo:hi].sum())
+        return Chunk(self.partition, self.offsets[lo:hi], self.record_ts_ms[lo:hi],
+                     self.valid[lo:hi], self.events.take(np.arange(first, first + n)))
 
 
 Letter = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
@@ -46,22 +71,16 @@ class Intake:
         self.dead_letters = 0
         self._unacked: list[tuple[Any, Letter]] = []  # (send future, what was sent)
 
-    def decode(self, records: list[Any]) -> list[Entry]:
-        """Entries in record order; invalid records are sent to the DLQ with a reason."""
-        out = []
-        append, max_bytes = out.append, self.max_bytes
-        for rec in records:
-            try:
-                event: WireEvent | None = decode_event(rec.value, max_bytes)
-            except InvalidEventError as exc:
-                self._dead_letter(rec, exc.reason)
-                event = None
-            except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the stream
-                self._dead_letter(rec, f"internal: decoder raised {type(exc).__name__}")
-                event = None
-            append(Entry(event, rec.partition, rec.offset, rec.timestamp))
+    def decode(self, partition: int, records: list[Any]) -> Chunk:
+        """One partition's records in columns; invalid ones are sent to the DLQ with a
+        reason."""
+        batch = decode_batch([r.value for r in records], self.max_bytes)
+        for n, reason in batch.rejects:
+            self._dead_letter(records[n], reason)
         self.metrics.consumed.inc(len(records))
-        return out
+        return Chunk(partition, np.array([r.offset for r in records], np.int64),
+                     np.array([r.timestamp for r in records], np.int64), batch.valid,
+                     batch.events)
 
     def _dead_letter(self, rec: Any, reason: str) -> None:
         headers = [("reason", reason.encode()), ("source.topic", rec.topic.encode()),
