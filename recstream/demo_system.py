@@ -139,7 +139,6 @@ class DemoSystem:
         for name, group in (("stream", self.s.stream.trainer_group),
                             ("lander", self.s.stream.lander_group)):
             self._consumers[name] = make_consumer(self.s.kafka, self.s.kafka.bootstrap, group)
-        self._consumers["ends"] = make_consumer(self.s.kafka, self.s.kafka.bootstrap, None)
 
     # -- one tick ---------------------------------------------------------------------
 
@@ -148,7 +147,8 @@ class DemoSystem:
         landed), then run the nightly for the day that ended."""
         self.producer.produce(chunk)
         self.producer.flush()
-        ends = self._end_offsets()
+        ends = {TopicPartition(self.s.kafka.topic, p): end
+                for p, end in self.producer.acked_offsets().items()}
         self._wait_committed("stream", ends)
         day = int(chunk.ts_ms.min()) // DAY_MS
         if self.day is not None and day > self.day:
@@ -167,12 +167,6 @@ class DemoSystem:
                       + (f" {report.version}" if report.version else "")
                       + (f" ({report.reason})" if report.reason and not report.ok else "")
                       + f" in {time.perf_counter() - start:.1f} s")
-
-    def _end_offsets(self) -> dict[TopicPartition, int]:
-        consumer = self._consumers["ends"]
-        parts = [TopicPartition(self.s.kafka.topic, p)
-                 for p in sorted(consumer.partitions_for_topic(self.s.kafka.topic) or [])]
-        return consumer.end_offsets(parts)
 
     def _wait_committed(self, name: str, ends: dict[TopicPartition, int]) -> None:
         consumer, proc = self._consumers[name], self._daemons[name]

@@ -157,6 +157,7 @@ class EventProducer:
         self._first_error: str | None = None
         self._in_flight: deque[list[FutureRecordMetadata]] = deque()
         self._in_flight_records = 0
+        self._acked: dict[int, int] = {}
         self._producer = make_producer(ks, bootstrap, **producer_overrides())
 
     def produce(self, events: Events, pacer: Pacer | None = None, *,
@@ -198,8 +199,8 @@ class EventProducer:
     def _send_slice(self, events: Events, pacer: Pacer | None) -> None:
         values = encode_values(events)
         self._check_sizes(events, values)
-        send, topic, now, on_error = self._producer.send, self.topic, time.time, \
-            self._on_error
+        send, topic, now, on_error, on_sent = self._producer.send, self.topic, time.time, \
+            self._on_error, self._on_sent
         futures: list[FutureRecordMetadata] = []
         add = futures.append
         try:
@@ -208,6 +209,7 @@ class EventProducer:
                 if pacer is not None and ts > pacer.released_ts:
                     pacer.wait(ts, self._idle)
                 future = send(topic, value=value, key=key, timestamp_ms=int(now() * 1000))
+                future.add_callback(on_sent)
                 future.add_errback(on_error)
                 add(future)
         except KafkaError as exc:
@@ -233,6 +235,16 @@ class EventProducer:
     def _idle(self, seconds: float) -> None:
         self._raise_if_failed()
         time.sleep(seconds)
+
+    def _on_sent(self, meta: Any) -> None:
+        # Runs on the producer's IO thread; only that thread writes this dict.
+        if meta.offset >= self._acked.get(meta.partition, 0):
+            self._acked[meta.partition] = meta.offset + 1
+
+    def acked_offsets(self) -> dict[int, int]:
+        """Per partition, the offset after the last record the broker acknowledged (after
+        ``flush``: everything sent). The broker's own end offsets can lag (ARCHITECTURE)."""
+        return dict(self._acked)
 
     def _on_error(self, exc: BaseException) -> None:
         # Runs on the producer's IO thread; only that thread writes these fields.
