@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
 
+from batch.guard import GuardMetrics
 from common.telemetry import register_build_info
 
 STEPS = ("landed", "train", "evaluate", "gate", "register", "publish", "promote")
@@ -55,6 +56,7 @@ class NightlyMetrics:
                                   registry=r)
         self.next_run = Gauge("recstream_scheduler_next_run_timestamp_seconds",
                               "When the scheduler runs the nightly next", registry=r)
+        self.guard = GuardMetrics(r)
 
     def step(self, name: str, seconds: float) -> None:
         self.step_duration.labels(name).set(seconds)

@@ -21,7 +21,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kafka.errors import KafkaError
+
 from batch.gate import GateDecision, decide, evaluate_on_holdout, split_holdout
+from batch.guard import GuardError, GuardResult, PromotionGuard, stream_end_offsets
 from batch.metrics import NightlyMetrics
 from batch.trainer import nightly
 from common.dataset import Dataset
@@ -58,6 +61,9 @@ class NightlyReport:
     examples: int = 0
     examples_per_s: float = 0.0
     loss: float = float("nan")
+    previous: str | None = None  # the champion the release replaced
+    # Where the stream stood at the flip: the guard scores the events after it.
+    guard_start: dict[int, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -166,7 +172,13 @@ class NightlyJob:
         with self._step("promote", report):
             self._require_owner("promote")
             release = self.control.promote_when_rebased(version, keep_waiting=self.still_owner)
-        report.result = "released"
+        report.result, report.previous = "released", release.previous
+        if self.s.nightly.guard_events and release.previous is not None:
+            try:
+                report.guard_start = stream_end_offsets(self.s)
+            except (GuardError, KafkaError) as exc:
+                log.error("released, but the guard cannot start: the broker did not answer",
+                          extra={"version": version, "error": str(exc)})
         log.info("nightly released", extra={"version": version, "champion": release.champion})
 
     def _day_events(self, day: str) -> Events:
@@ -212,6 +224,17 @@ class NightlyJob:
             log.info("nightly step", extra={"day": report.day, "step": name,
                                             "seconds": round(seconds, 3)})
             self.progress(f"[nightly {report.day}] {name} {seconds:.1f} s")
+
+
+def guard_release(settings: Settings, dataset: Dataset, control: ReleaseControl,
+                  metrics: NightlyMetrics, report: NightlyReport,
+                  keep_waiting: Callable[[], bool] = lambda: True) -> GuardResult | None:
+    """Watch the release a nightly made (see ``batch.guard``); None when there is none."""
+    if report.result != "released" or report.guard_start is None or report.version is None \
+            or report.previous is None:
+        return None
+    guard = PromotionGuard(settings, dataset, control, metrics.guard)
+    return guard.check(report.version, report.previous, report.guard_start, keep_waiting)
 
 
 def pending_days(registry: Registry, today_ms: int, limit: int) -> list[str]:

@@ -28,7 +28,7 @@ from apscheduler.triggers.cron import CronTrigger
 from redis.exceptions import LockError, RedisError
 
 from batch.metrics import NightlyMetrics
-from batch.nightly import NightlyJob, NightlyReport, pending_days
+from batch.nightly import NightlyJob, NightlyReport, guard_release, pending_days
 from common.dataset import Dataset
 from common.settings import Settings
 from common.shutdown import StopFlag
@@ -131,6 +131,9 @@ class NightlyScheduler:
         self.clock = clock
         self.lock_key = f"{settings.redis.prefix}:lock:nightly"
         self.running = threading.Lock()  # one run per process (the Redis lock: per fleet)
+        self._guard_lock = threading.Lock()
+        self._guard_generation = 0
+        self.guard_thread: threading.Thread | None = None
 
     def run_once(self) -> list[NightlyReport]:
         """One run under the lock: every pending day until one fails (none pending: an
@@ -159,7 +162,28 @@ class NightlyScheduler:
             reports.append(job.run(day))
             if not reports[-1].ok or self.stop.is_set():
                 break
+        if reports and reports[-1].guard_start is not None:
+            self._start_guard(reports[-1])
         return reports
+
+    def _start_guard(self, report: NightlyReport) -> None:
+        """Watch the last release in the background; a newer release ends the old watch."""
+        with self._guard_lock:
+            self._guard_generation += 1
+            generation = self._guard_generation
+
+        def keep_waiting() -> bool:
+            return not self.stop.is_set() and generation == self._guard_generation
+
+        def watch() -> None:
+            try:
+                guard_release(self.s, self.dataset, self.control, self.metrics, report,
+                              keep_waiting)
+            except Exception:  # noqa: BLE001 - a broken check must not take the daemon down
+                log.exception("promotion guard failed", extra={"version": report.version})
+
+        self.guard_thread = threading.Thread(target=watch, name="promotion-guard", daemon=True)
+        self.guard_thread.start()
 
     def _fire(self) -> None:
         try:

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     ng.add_argument("--source", choices=["landed", "dataset"], default="landed",
                     help="the day's events from the lander's partitions (default; the day "
                     "must be completely landed) or from the data set")
+    ng.add_argument("--no-guard", action="store_true",
+                    help="exit after the release instead of watching it (the guard rolls "
+                    "back a champion that does worse than the one it replaced)")
 
     sc = sub.add_parser("schedule", help="the scheduler daemon: the nightly at "
                         "RECSTREAM_NIGHTLY_CRON (default 02:00), /metrics on :9412")
@@ -240,7 +243,7 @@ def _publish_trained(settings: Settings, dataset: Any, version: str,
 
 def _cmd_nightly(settings: Settings, args: argparse.Namespace) -> None:
     from batch.metrics import NightlyMetrics
-    from batch.nightly import NightlyJob
+    from batch.nightly import NightlyJob, guard_release
     from common.events import DAY_MS, format_day
 
     day = args.day or format_day((int(time.time() * 1000) // DAY_MS - 1) * DAY_MS)
@@ -248,10 +251,20 @@ def _cmd_nightly(settings: Settings, args: argparse.Namespace) -> None:
     job = NightlyJob(settings, _dataset(settings, args), _release_control(settings), metrics,
                      source=args.source, progress=_stderr_line)
     report = job.run(day)
+    print(json.dumps(asdict(report), indent=2), flush=True)
+    if report.guard_start is not None and not args.no_guard:
+        _stderr_line(f"[guard] watching {report.version} against {report.previous} on the "
+                     f"next {settings.nightly.guard_events} streamed positives (at most "
+                     f"{settings.nightly.guard_timeout_s:g} s; --no-guard skips this)")
+        guard = guard_release(settings, job.dataset, job.control, metrics, report)
+        if guard is not None:
+            _stderr_line(f"[guard] {guard.decision}: {guard.reason}")
+            if guard.decision == "rollback":
+                report.reason = f"the guard rolled {report.version} back: {guard.reason}"
+                report.result = "rolled_back"
     # For node_exporter's textfile collector: the scheduler serves these on /metrics.
     metrics.write_textfile(settings.home / "metrics" / "nightly.prom")
-    print(json.dumps(asdict(report), indent=2))
-    if not report.ok:
+    if report.result not in ("released", "up_to_date"):
         raise RuntimeError(report.reason)
 
 

@@ -30,8 +30,10 @@ def world() -> SyntheticData:
 
 
 def nightly_env(tmp_path: Path, redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
-    return publish_env(tmp_path, redis_url, prefix, RECSTREAM_NIGHTLY_LATENESS_S="0",
-                       RECSTREAM_PUBLISHER_REBASE_TIMEOUT_S="0.1", **extra)
+    # No guard here (tests/test_guard.py and test_scheduler.py watch releases).
+    return publish_env(tmp_path, redis_url, prefix, **{
+        "RECSTREAM_NIGHTLY_LATENESS_S": "0", "RECSTREAM_PUBLISHER_REBASE_TIMEOUT_S": "0.1",
+        "RECSTREAM_NIGHTLY_GUARD_EVENTS": "0", **extra})
 
 
 def land_day(settings: Settings, world: SyntheticData, day_ms: int,

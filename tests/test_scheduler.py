@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 from publishing import control_for, released_champion
-from streaming import wait_for
+from streaming import produce, wait_for
 from test_nightly_job import day_ms_of, land_day, nightly_env, world  # noqa: F401
 
 from batch.metrics import NightlyMetrics
 from batch.scheduler import LockHeldError, NightlyScheduler, RunLock
 from common.events import DAY_MS
+from common.kafka_clients import ensure_topics
 from common.launcher import free_port
 from common.redis_client import connect
 from common.registry import Registry
@@ -161,3 +162,30 @@ def test_the_daemon_serves_metrics_and_stops_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_release_is_watched_by_the_guard_in_the_background(
+        tmp_path: Path, redis_url: str, prefix: str, world: SyntheticData,  # noqa: F811
+        kafka_bootstrap: str, topic: str) -> None:
+    settings = load_settings(nightly_env(
+        tmp_path, redis_url, prefix, RECSTREAM_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        RECSTREAM_KAFKA_TOPIC=topic, RECSTREAM_NIGHTLY_GUARD_EVENTS="1000",
+        RECSTREAM_NIGHTLY_GUARD_TIMEOUT_S="120"))
+    ensure_topics(settings.kafka, kafka_bootstrap, [topic])
+    day_ms = day_ms_of(world)
+    champion = released_champion(settings, world.dataset, day_ms)
+    land_day(settings, world, day_ms)
+    metrics = NightlyMetrics()
+    scheduler = NightlyScheduler(settings, world.dataset, control_for(settings), metrics,
+                                 clock=lambda: two_hours_after(day_ms))
+    [report] = scheduler.run_once()
+    assert report.result == "released" and report.previous == champion
+    assert scheduler.guard_thread is not None and scheduler.guard_thread.is_alive()
+    next_day = world.dataset.events.between(day_ms + DAY_MS, day_ms + 2 * DAY_MS)
+    produce(kafka_bootstrap, topic, next_day)
+    scheduler.guard_thread.join(120)
+    assert not scheduler.guard_thread.is_alive()
+    # The nightly learned the day; on the next one it is no worse than the bootstrap.
+    assert metrics.guard.checks.labels("keep")._value.get() == 1
+    assert metrics.guard.auto_rollbacks._value.get() == 0
+    assert control_for(settings).pub.users.release().champion == report.version
