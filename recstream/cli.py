@@ -123,7 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated model names (default: the README table's)")
     ev.add_argument("--json", type=Path, default=None, help="write every figure here")
 
-    sub.add_parser("demo", help="fetch ML-100K, bootstrap a model, print the evaluation table")
+    dm = sub.add_parser("demo", help="the whole loop on embedded servers: bootstrap, then "
+                        "the last days through Kafka, the stream and the nightly; report in "
+                        "RECSTREAM_HOME/report")
+    dm.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "synthetic"],
+                    help="data set (default: ml-100k, fetched into the cache)")
+    dm.add_argument("--days", type=_positive_int, default=30,
+                    help="simulated days at the end of the data (default: 30)")
 
     rp = sub.add_parser("replay", help="produce a data set's events into the topic in time "
                         "order")
@@ -311,7 +317,7 @@ def _cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
     from recstream.demo import run_demo
 
-    run_demo(settings)
+    run_demo(settings, args.dataset, args.days)
 
 
 def _cmd_replay(settings: Settings, args: argparse.Namespace) -> None:

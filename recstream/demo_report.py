@@ -69,6 +69,13 @@ def read_histogram(text: str, name: str) -> Histogram:
     return h
 
 
+def counter(text: str, name: str) -> int:
+    """A counter's value (summed over its labels) from a /metrics text; 0 if absent."""
+    return int(sum(s.value for family in text_string_to_metric_families(text)
+                   if family.name == name for s in family.samples
+                   if s.name == name + "_total"))
+
+
 def per_day_rows(results: dict[str, dict[int, PrequentialResult]],
                  ks: tuple[int, ...]) -> list[dict[str, Any]]:
     """One row per day: scored positives and each arm's recall at each k."""

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +100,7 @@ class DemoSystem:
             self._servers.append(redis)
             redis_url = redis.url
         run = f"demo{int(time.time())}"  # fresh topics, groups and keys on shared servers
-        self.trainer_metrics_port = free_port()
+        self.trainer_metrics_port, self.lander_metrics_port = free_port(), free_port()
         # The stream's ID-row learning rate for MovieLens' small micro-batches, from a
         # prequential sweep (README, The demo); the default 0.2 suits 50k-event steps.
         tuned = {"RECSTREAM_STREAM_LR_EMBEDDING": "0.02"}
@@ -115,8 +116,10 @@ class DemoSystem:
                 "RECSTREAM_STREAM_REBASE_CHECK_S": "0.3",
                 "RECSTREAM_STREAM_LANDER_FLUSH_S": "0.3",
                 "RECSTREAM_STREAM_TRAINER_METRICS_PORT": str(self.trainer_metrics_port),
-                "RECSTREAM_STREAM_LANDER_METRICS_PORT": "0",
+                "RECSTREAM_STREAM_LANDER_METRICS_PORT": str(self.lander_metrics_port),
                 "RECSTREAM_NIGHTLY_LATENESS_S": "0",
+                # Releases come daily here; a guard watching each would be cut short.
+                "RECSTREAM_NIGHTLY_GUARD_EVENTS": "0",
                 "RECSTREAM_PUBLISHER_REBASE_TIMEOUT_S": "60"}
 
     def bootstrap(self, end_ms: int) -> str:
@@ -186,16 +189,20 @@ class DemoSystem:
 
     # -- the end ----------------------------------------------------------------------
 
+    def drain(self) -> None:
+        """Wait until the trainer and the lander took in everything sent."""
+        ends = {TopicPartition(self.s.kafka.topic, p): end
+                for p, end in self.producer.acked_offsets().items()}
+        self._wait_committed("stream", ends)
+        self._wait_committed("lander", ends)
+
     def trainer_metrics(self) -> str:
         """The stream trainer's /metrics text (empty if it does not answer)."""
-        import urllib.request
+        return _scrape(self.trainer_metrics_port)
 
-        url = f"http://127.0.0.1:{self.trainer_metrics_port}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.read().decode()
-        except OSError:
-            return ""
+    def lander_metrics(self) -> str:
+        """The lander's /metrics text (empty if it does not answer)."""
+        return _scrape(self.lander_metrics_port)
 
     def close(self) -> None:
         """Stop the daemons (SIGTERM, then by force) and the servers started here."""
@@ -211,3 +218,11 @@ class DemoSystem:
                 proc.wait(timeout=5)
         for server in reversed(self._servers):
             server.stop()
+
+
+def _scrape(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
