@@ -127,9 +127,9 @@ def datasource() -> dict[str, Any]:
     return source
 
 
-def test_the_four_dashboards_ship() -> None:
+def test_the_five_dashboards_ship() -> None:
     assert {p.name for p in DASHBOARDS} == {"stream.json", "publishing.json", "serving.json",
-                                            "lander.json"}
+                                            "lander.json", "model_quality.json"}
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
