@@ -38,6 +38,7 @@ from publisher.resp import Commands, execute
 
 WRITING, COMPLETE = "writing", "complete"
 _TRIM_EVERY = 8
+_BUCKETS_REMEMBERED = 2_000_000  # users whose bucket is kept (~200 MB at most)
 
 
 class VersionStateError(RuntimeError):
@@ -135,6 +136,7 @@ class UserStore:
     def __init__(self, client: RedisClient, rs: RedisSettings) -> None:
         self.r, self.rs, self.keys = client, rs, Layout(rs.prefix)
         self._seen_calls = 0
+        self._buckets: tuple[int, dict[str, int]] = (0, {})  # bucket count, user -> bucket
 
     # -- versions ---------------------------------------------------------------------
 
@@ -201,7 +203,7 @@ class UserStore:
 
     def _hset_batches(self, meta: VersionMeta, ids: list[str], vectors: np.ndarray,
                       feats: np.ndarray | None) -> Iterator[Commands]:
-        buckets = buckets_of(ids, meta.buckets)
+        buckets = self._buckets_of(ids, meta.buckets)
         order = np.argsort(buckets, kind="stable")
         bucket_of = buckets[order]
         starts = np.flatnonzero(np.r_[True, bucket_of[1:] != bucket_of[:-1]])
@@ -219,6 +221,18 @@ class UserStore:
                 commands, fields = Commands(), 0
         if commands:
             yield commands
+
+    def _buckets_of(self, ids: list[str], buckets: int) -> np.ndarray:
+        """``buckets_of``, remembered: the stream writes the same users step after step,
+        and hashing is most of the cost."""
+        count, known = self._buckets
+        if count != buckets or len(known) > _BUCKETS_REMEMBERED:
+            known = {}
+            self._buckets = (buckets, known)
+        new = [u for u in ids if u not in known]
+        if new:
+            known.update(zip(new, buckets_of(new, buckets).tolist(), strict=True))
+        return np.fromiter(map(known.__getitem__, ids), np.int64, len(ids))
 
     def read(self, version: str, user_ids: Sequence[str],
              meta: VersionMeta | None = None) -> UserRows:

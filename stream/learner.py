@@ -86,8 +86,8 @@ class StreamLearner:
         out = self._output(len(events), applied, float(np.mean(losses)) if losses
                            else float("nan"), np.unique(np.concatenate(users)),
                            np.unique(np.concatenate(items)), diverged)
-        seen = Interactions(positives.user_id[:applied].astype(str).tolist(),
-                            positives.item_id[:applied].astype(str).tolist(),
+        seen = Interactions(_strings(positives.user_id[:applied]),
+                            _strings(positives.item_id[:applied]),
                             positives.ts_ms[:applied].tolist())
         return replace(out, seen=seen)
 
@@ -121,3 +121,8 @@ def _chunks(n: int, size: int) -> list[np.ndarray]:
         bounds.pop(-2)
     return [np.arange(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
+
+def _strings(column: np.ndarray) -> list[str]:
+    """A column of ids as a list of str (ids from the wire already are)."""
+    values = column.tolist()
+    return values if set(map(type, values)) <= {str} else column.astype(str).tolist()
