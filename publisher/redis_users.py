@@ -34,10 +34,11 @@ from common.freq import stable_hash
 from common.redis_client import RedisClient
 from common.settings import RedisSettings
 from publisher.base import PublishError
-from publisher.resp import Commands, execute
+from publisher.resp import Commands, arg, execute
 
 WRITING, COMPLETE = "writing", "complete"
 _TRIM_EVERY = 8
+_HSET, _ZADD, _GT, _ZREMRANGEBYRANK = map(arg, (b"HSET", b"ZADD", b"GT", b"ZREMRANGEBYRANK"))
 _BUCKETS_REMEMBERED = 2_000_000  # users whose bucket is kept (~200 MB at most)
 
 
@@ -208,13 +209,15 @@ class UserStore:
         bucket_of = buckets[order]
         starts = np.flatnonzero(np.r_[True, bucket_of[1:] != bucket_of[:-1]])
         ends = np.r_[starts[1:], len(order)]
-        names = [u.encode() for u in ids]
+        names = [arg(u.encode()) for u in ids]
+        emb = _values(vectors)
+        feat = _values(feats) if feats is not None and feats.shape[1] else None
         commands, fields = Commands(), 0
         for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
-            b, rows = int(bucket_of[lo]), order[lo:hi]
-            commands.extend(_hset(self.keys.emb(meta.version, b), names, rows, vectors))
-            if feats is not None and feats.shape[1]:
-                commands.extend(_hset(self.keys.feat(meta.version, b), names, rows, feats))
+            b, rows = int(bucket_of[lo]), order[lo:hi].tolist()
+            _hset(commands, self.keys.emb(meta.version, b), names, emb, rows)
+            if feat is not None:
+                _hset(commands, self.keys.feat(meta.version, b), names, feat, rows)
             fields += hi - lo
             if fields >= self.rs.pipeline_fields:
                 yield commands
@@ -279,26 +282,35 @@ class UserStore:
         latest; idempotent, so a re-published delta changes nothing.
 
         Trimming is the costly half (a command per user per delta), so a user is trimmed
-        when this call brings ``seen_max`` items or more, else on one call in
-        ``_TRIM_EVERY``: a set may exceed the cap by what a few deltas add."""
+        when this call brings ``seen_max`` interactions or more, else on one call in
+        ``_TRIM_EVERY``: a set may exceed the cap by what a few deltas add.
+
+        One ZADD GT per user with all its interactions: a member given twice keeps the
+        later time, as separate ZADDs would."""
         if self.rs.seen_max == 0 or not len(user_ids):
             return
-        per_user: dict[str, dict[str, int]] = {}
+        member: dict[str, bytes] = {}
+        per_user: dict[str, list[bytes]] = {}
         for u, i, t in zip(user_ids, item_ids, ts_ms, strict=True):
-            items = per_user.setdefault(u, {})
-            items[i] = max(int(t), items.get(i, 0))
+            m = member.get(i)
+            if m is None:
+                m = member[i] = arg(i.encode())
+            score = b"%d" % t
+            pair = b"$%d\r\n%b\r\n%b" % (len(score), score, m)
+            pairs = per_user.get(u)
+            if pairs is None:
+                per_user[u] = [pair]
+            else:
+                pairs.append(pair)
         self._seen_calls += 1
         turn, cap = self._seen_calls % _TRIM_EVERY, self.rs.seen_max
-        keep_from = b"%d" % (-cap - 1)
+        trim = arg(b"0") + arg(b"%d" % (-cap - 1))
         commands = Commands()
-        for u, items in per_user.items():
-            key = self.keys.seen(u).encode()
-            args = [b"ZADD", key, b"GT"]
-            for i, t in items.items():
-                args += (b"%d" % t, i.encode())
-            commands.extend(args)
-            if len(items) >= cap or zlib.crc32(u.encode()) % _TRIM_EVERY == turn:
-                commands.add(b"ZREMRANGEBYRANK", key, b"0", keep_from)
+        for u, pairs in per_user.items():
+            key = arg(self.keys.seen(u).encode())
+            commands.add_encoded(3 + 2 * len(pairs), b"".join([_ZADD, key, _GT, *pairs]))
+            if len(pairs) >= cap or zlib.crc32(u.encode()) % _TRIM_EVERY == turn:
+                commands.add_encoded(4, _ZREMRANGEBYRANK + key + trim)
             if commands.args >= 2 * self.rs.pipeline_fields:
                 self._execute(commands)
                 commands = Commands()
@@ -380,11 +392,23 @@ class UserStore:
             raise PublishError(f"redis: {exc}") from exc
 
 
-def _hset(key: str, names: list[bytes], rows: np.ndarray, values: np.ndarray) -> list[bytes]:
-    """HSET of ``key`` with field ``names[r]`` = the bytes of ``values[r]`` for each row."""
-    blob = values[rows].tobytes()
+def _values(values: np.ndarray) -> list[bytes]:
+    """Each row's bytes as a RESP argument."""
     width = values.shape[1] * values.itemsize
-    args = [b"HSET", key.encode()]
-    for j, r in enumerate(rows.tolist()):
-        args += (names[r], blob[j * width:(j + 1) * width])
-    return args
+    rows = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), width)
+    head = np.frombuffer(b"$%d\r\n" % rows.shape[1], np.uint8)
+    out = np.empty((len(rows), len(head) + rows.shape[1] + 2), np.uint8)
+    out[:, :len(head)] = head
+    out[:, len(head):-2] = rows
+    out[:, -2:] = np.frombuffer(b"\r\n", np.uint8)
+    blob, step = out.tobytes(), out.shape[1]
+    return [blob[k:k + step] for k in range(0, len(blob), step)]
+
+
+def _hset(commands: Commands, key: str, names: list[bytes], values: list[bytes],
+          rows: list[int]) -> None:
+    """HSET of ``key`` with field ``names[r]`` = ``values[r]`` for each row ``r``."""
+    parts = [_HSET, arg(key.encode())]
+    for r in rows:
+        parts += (names[r], values[r])
+    commands.add_encoded(2 + 2 * len(rows), b"".join(parts))

@@ -15,7 +15,7 @@ b'*4\\r\\n$4\\r\\nHSET\\r\\n$1\\r\\nk\\r\\n$1\\r\\nf\\r\\n$2\\r\\n\\x00\\x01\\r\
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import hiredis
@@ -24,32 +24,47 @@ import redis
 _ATTEMPTS = 2  # a pooled connection the server closed fails once; writes are idempotent
 
 
+def arg(value: bytes) -> bytes:
+    """One argument as a RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
 class Commands:
-    """Write commands (arguments as bytes) to be sent together."""
+    """Write commands to be sent together, kept as RESP."""
 
     def __init__(self) -> None:
-        self.commands: list[Sequence[bytes]] = []
+        self.parts: list[bytes] = []
+        self.count = 0
         self.args = 0
 
     def __len__(self) -> int:
-        return len(self.commands)
+        return self.count
 
     def add(self, *args: bytes) -> None:
-        self.commands.append(args)
-        self.args += len(args)
+        self.add_encoded(len(args), b"".join([arg(a) for a in args]))
 
-    def extend(self, args: Sequence[bytes]) -> None:
-        """One command from a ready list of arguments."""
-        self.commands.append(args)
-        self.args += len(args)
+    def add_encoded(self, n_args: int, encoded: bytes) -> None:
+        """One command whose ``n_args`` arguments are already ``arg``-encoded, joined."""
+        self.parts += (b"*%d\r\n" % n_args, encoded)
+        self.count += 1
+        self.args += n_args
 
     def packed(self) -> bytes:
         """The commands in RESP, as one buffer."""
-        parts: list[bytes] = []
-        for args in self.commands:
-            parts.append(b"*%d\r\n" % len(args))
-            parts += [b"$%d\r\n%b\r\n" % (len(a), a) for a in args]
-        return b"".join(parts)
+        return b"".join(self.parts)
+
+    def each(self) -> Iterator[list[bytes]]:
+        """Each command's arguments (decoded back from RESP)."""
+        data, pos = memoryview(self.packed()), 0
+        while pos < len(data):
+            end = bytes(data[pos:pos + 24]).index(b"\r\n") + pos
+            n, pos, args = int(bytes(data[pos + 1:end])), end + 2, []
+            for _ in range(n):
+                end = bytes(data[pos:pos + 24]).index(b"\r\n") + pos
+                size, pos = int(bytes(data[pos + 1:end])), end + 2
+                args.append(bytes(data[pos:pos + size]))
+                pos += size + 2
+            yield args
 
 
 def execute(client: Any, commands: Commands) -> None:
@@ -62,8 +77,8 @@ def execute(client: Any, commands: Commands) -> None:
         return
     if not isinstance(client, redis.Redis):
         with client.pipeline(transaction=False) as p:
-            for args in commands.commands:
-                p.execute_command(*args)
+            for name, *args in commands.each():
+                p.execute_command(name.decode(), *args)  # routing looks names up as str
             p.execute()
         return
     data = commands.packed()

@@ -27,6 +27,7 @@ def test_packed_bytes_are_what_redis_py_sends(commands: list[list[bytes]]) -> No
         cmds.add(*args)
     expected = b"".join(bytes(c) for c in redis.Connection().pack_commands(commands))
     assert cmds.packed() == expected
+    assert list(cmds.each()) == commands  # what a cluster client gets, command by command
 
 
 def _store(redis_url: str, prefix: str, **env: str) -> UserStore:
@@ -103,3 +104,21 @@ def test_many_commands_in_one_send(redis_url: str, prefix: str) -> None:
         cmds.add(b"HSET", f"{prefix}:{k % 97}".encode(), b"%d" % k, b"v" * 16)
     execute(r, cmds)
     assert sum(r.hlen(f"{prefix}:{b}") for b in range(97)) == 50_000
+
+
+class _PipelineOnly:
+    """A real Redis reached only through ``pipeline()``, as a cluster client is."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.pipeline = r.pipeline
+
+
+def test_clients_other_than_redis_redis_run_the_commands_through_a_pipeline(
+        redis_url: str, prefix: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    cmds = Commands()
+    cmds.add(b"HSET", f"{prefix}:h".encode(), b"f\r\n", b"\x00\r\n\xff")
+    cmds.add(b"ZADD", f"{prefix}:z".encode(), b"GT", b"5", b"m", b"3", b"m")
+    execute(_PipelineOnly(r), cmds)
+    assert r.hgetall(f"{prefix}:h") == {b"f\r\n": b"\x00\r\n\xff"}
+    assert r.zscore(f"{prefix}:z", "m") == 5
