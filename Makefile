@@ -13,8 +13,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# Debian's prometheus, unpacked under .venv (no service installed): the test that scrapes
+# the daemons with a real Prometheus uses it, and skips with a reason where it is missing.
+PROMETHEUS := $(VENV)/tools/usr/bin/prometheus
+
+$(PROMETHEUS):
+	@mkdir -p $(VENV)/tools/deb
+	@cd $(VENV)/tools/deb && { apt-get download prometheus >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } \
+		&& dpkg -x prometheus_*.deb .. \
+		|| echo "Debian's prometheus could not be fetched: the real-Prometheus scrape test will skip"
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	-@$(MAKE) --no-print-directory $(PROMETHEUS)
+	PROMETHEUS_BIN=$(abspath $(PROMETHEUS)) $(BIN)/python -m pytest
 
 demo: $(STAMP)
 	$(BIN)/recstream demo

@@ -56,6 +56,11 @@ class NightlyMetrics:
                                   registry=r)
         self.next_run = Gauge("recstream_scheduler_next_run_timestamp_seconds",
                               "When the scheduler runs the nightly next", registry=r)
+        self.redis_memory = Gauge("recstream_redis_used_memory_bytes",
+                                  "Memory the Redis of the published versions uses",
+                                  registry=r)
+        self.published = Gauge("recstream_published_versions",
+                               "Versions published completely in Redis", registry=r)
         self.guard = GuardMetrics(r)
 
     def step(self, name: str, seconds: float) -> None:

@@ -33,7 +33,9 @@ from common.dataset import Dataset
 from common.settings import Settings
 from common.shutdown import StopFlag
 from common.telemetry import serve_metrics
+from publisher.base import PublishError
 from publisher.control import ReleaseControl
+from publisher.redis_users import COMPLETE
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,9 @@ class NightlyScheduler:
             reports.append(job.run(day))
             if not reports[-1].ok or self.stop.is_set():
                 break
-        if reports and reports[-1].guard_start is not None:
-            self._start_guard(reports[-1])
+        watched = [r for r in reports if r.guard_start is not None]
+        if watched:  # the last release, even when a later day failed
+            self._start_guard(watched[-1])
         return reports
 
     def _start_guard(self, report: NightlyReport) -> None:
@@ -205,14 +208,29 @@ class NightlyScheduler:
         log.info("scheduler started", extra={"cron": self.s.nightly.cron,
                                              "next_run": str(job.next_run_time)})
         try:
+            ticks = 0
             while not self.stop.wait(1.0):
                 job = scheduler.get_job("nightly")
                 if job is not None and job.next_run_time is not None:
                     self.metrics.next_run.set(job.next_run_time.timestamp())
+                if ticks % 15 == 0:
+                    self._publishing_gauges()
+                ticks += 1
         finally:
             # A running job sees the stop flag at its next step and gives up cleanly.
             scheduler.shutdown(wait=True)
         log.info("scheduler stopped", extra={"reason": self.stop.reason})
+
+
+    def _publishing_gauges(self) -> None:
+        """Redis memory and published versions, for the publishing dashboard."""
+        users = self.control.pub.users
+        try:
+            self.metrics.redis_memory.set(int(users.r.info("memory").get("used_memory", 0)))
+            self.metrics.published.set(sum(m.state == COMPLETE
+                                           for m in users.versions().values()))
+        except (RedisError, PublishError) as exc:
+            log.warning("cannot read Redis for the publishing gauges", extra={"error": str(exc)})
 
 
 def run_scheduler_daemon(settings: Settings, dataset: Dataset, control: ReleaseControl,
