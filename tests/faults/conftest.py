@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from daemons import Daemons
 
 _KEY = pytest.StashKey["FaultLog"]()
 
@@ -66,3 +67,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
         totals.versions_corrupted += r.versions_corrupted
     tr.write_line(f"{'total':<{width}}  {totals.injected:>8}  {totals.recovered:>9}  "
                   f"{totals.events_lost:>11}  {totals.versions_corrupted:>18}")
+
+
+@pytest.fixture
+def daemons() -> Iterator[Daemons]:
+    """Start daemons through this; all are stopped when the test ends."""
+    running = Daemons()
+    try:
+        yield running
+    finally:
+        running.stop_all()

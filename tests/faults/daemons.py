@@ -61,6 +61,21 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+class Daemons:
+    """Every daemon a test starts, stopped when it ends (pass or fail): no orphans."""
+
+    def __init__(self) -> None:
+        self.started: list[Daemon] = []
+
+    def start(self, daemon: Daemon) -> Daemon:
+        self.started.append(daemon)
+        return daemon.start()
+
+    def stop_all(self) -> None:
+        for daemon in self.started:
+            daemon.stop()
+
+
 def trainer(env: dict[str, str], log_dir: Path, **kw: object) -> Daemon:
     return Daemon("stream", ["stream", "--dataset", "synthetic"], env, log_dir,
                   "RECSTREAM_STREAM_TRAINER_METRICS_PORT", **kw)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ BATCH = 2000
 
 
 def test_broker_unavailable_for_30s_then_everything_is_applied_and_landed_once(
-        tmp_path: Path, fault) -> None:
+        tmp_path: Path, fault, daemons) -> None:
     world = generate(SyntheticConfig())
     day_ms = int(world.day_start_ms[3])
     events = world.dataset.events.between(day_ms, day_ms + DAY_MS)
@@ -31,15 +31,14 @@ def test_broker_unavailable_for_30s_then_everything_is_applied_and_landed_once(
     # A broker of its own: the outage is a SIGSTOP of its process (connections stay open
     # and nothing answers: the harder case for clients than a refused connection).
     broker = EmbeddedBroker.start(log_path=tmp_path / "broker.log")
-    daemons = []
     try:
         extra = {"RECSTREAM_STREAM_UPDATE_INTERVAL_S": "0.5",
                  "RECSTREAM_STREAM_LANDER_FLUSH_S": "0.5"}
         settings = stream_settings(tmp_path, broker.bootstrap, "outage", **extra)
         bootstrap_champion(settings, world.dataset, day_ms)
         env = stream_env(tmp_path, broker.bootstrap, "outage", **extra)
-        daemons = [trainer(env, tmp_path).start(), lander(env, tmp_path).start()]
-        stream, land = daemons
+        stream = daemons.start(trainer(env, tmp_path))
+        land = daemons.start(lander(env, tmp_path))
         produce(broker.bootstrap, "outage", first)
         wait_for(lambda: stream.counter("recstream_stream_events_applied") == BATCH
                  and land.counter("recstream_lander_events") == BATCH, 120,
@@ -68,8 +67,7 @@ def test_broker_unavailable_for_30s_then_everything_is_applied_and_landed_once(
         fault.events_lost += 2 * BATCH - len(landed)
         assert len(landed) == rows == 2 * BATCH  # each event landed once
     finally:
-        for d in daemons:
-            d.stop()
+        daemons.stop_all()
         broker.stop()
     assert fault.events_lost == 0
 

@@ -1,0 +1,102 @@
+"""Disk full while writing state: the process runs under a file-size limit (RLIMIT_FSIZE,
+SIGXFSZ ignored, so a write past it fails with EFBIG as on a full disk). What was
+written before stays intact, nothing is committed or released past the failure, the
+error is reported, and a restart with room finishes the work."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from daemons import lander
+from publishing import control_for, released_champion
+from streaming import produce, stream_env, stream_settings, wait_for
+from test_nightly_job import day_ms_of, land_day, nightly_env, world  # noqa: F401
+
+from common.events import DAY_MS, format_day
+from common.landed import landed_parts, read_landed_day
+from common.registry import Registry
+from common.settings import load_settings
+from common.synthetic import SyntheticData
+
+
+def file_size_limit(limit: int) -> Callable[[], None]:
+    """A preexec hook: files of this process cannot grow past ``limit`` bytes."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def digests(paths: list[Path]) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def test_lander_on_a_full_disk_stops_keeps_its_files_and_lands_all_after_a_restart(
+        tmp_path: Path, kafka_bootstrap: str, topic: str, world: SyntheticData,  # noqa: F811
+        fault, daemons) -> None:
+    day_ms = day_ms_of(world)
+    events = world.dataset.events.between(day_ms, day_ms + DAY_MS)
+    small, large = events.take(np.arange(100)), events.take(np.arange(100, 4000))
+    extra = {"RECSTREAM_STREAM_LANDER_FLUSH_S": "0.5"}
+    settings = stream_settings(tmp_path, kafka_bootstrap, topic, **extra)
+    env = stream_env(tmp_path, kafka_bootstrap, topic, **extra)
+    # The first files (~3 KB) fit, the next flush's (~25 KB each) do not.
+    full = daemons.start(lander(env, tmp_path, preexec=file_size_limit(12 * 1024)))
+    produce(kafka_bootstrap, topic, small)
+    wait_for(lambda: full.counter("recstream_lander_events") == len(small), 60,
+             "the small batch landed (its files fit)")
+    before = digests([p.path for p in landed_parts(settings.events_dir)])
+    produce(kafka_bootstrap, topic, large)
+    wait_for(lambda: not full.alive(), 60, "the lander to stop on the failed write")
+    fault.injected += 1
+    assert full.proc is not None and full.proc.returncode == 1
+    assert "File too large" in full.log_text()  # the error, reported in one line
+    assert digests(list(before)) == before  # the files landed before are intact
+    assert {p.path for p in landed_parts(settings.events_dir)} == set(before)
+    again = daemons.start(lander(env, tmp_path))
+    wait_for(lambda: again.counter("recstream_lander_events") == len(large), 120,
+             "the restarted lander to land the rest")
+    fault.recovered += 1
+    landed = read_landed_day(settings.events_dir, format_day(day_ms))
+    rows = sum(p.last_offset - p.first_offset + 1 for p in landed_parts(settings.events_dir))
+    fault.events_lost += len(events.take(np.arange(4000))) - len(landed)
+    assert len(landed) == rows == 4000  # every event once
+
+
+def test_nightly_on_a_full_disk_fails_cleanly_and_a_rerun_releases(
+        tmp_path: Path, redis_url: str, prefix: str, world: SyntheticData,  # noqa: F811
+        fault) -> None:
+    env = nightly_env(tmp_path, redis_url, prefix)
+    settings = load_settings(env)
+    day_ms = day_ms_of(world)
+    champion = released_champion(settings, world.dataset, day_ms)
+    land_day(settings, world, day_ms)
+    argv = [sys.executable, "-m", "recstream", "nightly", "--dataset", "synthetic", "--day",
+            format_day(day_ms)]
+    full = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True,
+                          preexec_fn=file_size_limit(32 * 1024), timeout=300)
+    fault.injected += 1
+    assert full.returncode == 1, full.stderr
+    assert "File too large" in full.stderr.splitlines()[-1]
+    registry = Registry(settings.models_dir)
+    assert registry.versions() == [champion]  # no half-written version
+    assert not list(settings.models_dir.glob(".staging-*"))
+    assert control_for(settings).pub.users.release().champion == champion
+    again = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    fault.recovered += 1
+    release = control_for(settings).pub.users.release()
+    assert release.champion != champion and release.previous == champion
+    for version in registry.versions():
+        registry.load(version)  # checksums hold
