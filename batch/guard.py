@@ -208,7 +208,7 @@ class PromotionGuard:
                                  f"{release.champion}, previous {release.previous}); left "
                                  "as it is")
         try:
-            self.control.rollback(to=previous)
+            self.control.rollback(to=previous, expected=release)
         except (VersionStateError, PublishError, RegistryError) as exc:
             return "undecided", f"{compared}; the rollback failed: {exc}"
         self.metrics.auto_rollbacks.inc()

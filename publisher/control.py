@@ -112,10 +112,15 @@ class ReleaseControl:
         return self._flip(release, version, release.champion, "promote",
                           release.champion if older else None)
 
-    def rollback(self, to: str | None = None) -> Release:
+    def rollback(self, to: str | None = None, expected: Release | None = None) -> Release:
         """Serve ``to`` (default: the previous version) again; the current champion is
-        withdrawn so the stream does not rebase back onto it."""
-        release = self.pub.users.release()
+        withdrawn so the stream does not rebase back onto it.
+
+        Without ``to``, a previous version that was itself withdrawn is refused: that is a
+        second operator rolling back the same bad release, and it would bring the bad
+        release back. With ``expected`` the flip happens only if the release is still
+        exactly that one (compare-and-set on its sequence number)."""
+        release = expected or self.pub.users.release()
         if release.champion is None:
             raise VersionNotFoundError("nothing is released yet: no champion to roll back")
         target = self.registry.resolve(to) if to else release.previous
@@ -124,6 +129,10 @@ class ReleaseControl:
                                        "rollback --to V")
         if target == release.champion:
             raise VersionStateError(f"{target} is already the champion")
+        if to is None and target in self.pub.users.withdrawn():
+            raise VersionStateError(f"the previous version {target} was withdrawn (rolled "
+                                    f"back from); {release.champion} stays champion; name "
+                                    "another with: rollback --to V")
         self._require_published(target)
         return self._flip(release, target, release.champion, "rollback", release.champion)
 
