@@ -94,12 +94,18 @@ class RowSparseEmbedding(nn.Module):
         return emb.view(*inverse.shape, leaf.shape[1]), RowGrad(self, uniq, leaf)
 
     @torch.no_grad()
-    def apply_row_grad(self, rows: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        """Row-wise Adagrad on ``rows`` (distinct) only; one accumulator per row."""
+    def row_update(self, rows: torch.Tensor, grad: torch.Tensor, lr: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-wise Adagrad on ``rows`` (distinct): their new accumulators and weights,
+        not yet written (``write_rows``)."""
         acc = self.accum.index_select(0, rows) + grad.pow(2).mean(dim=1)
-        self.accum.index_copy_(0, rows, acc)
         step = lr * grad / acc.sqrt().unsqueeze(1)
-        self.weight.index_copy_(0, rows, self.weight.index_select(0, rows) - step)
+        return acc, self.weight.index_select(0, rows) - step
+
+    @torch.no_grad()
+    def write_rows(self, rows: torch.Tensor, acc: torch.Tensor, weight: torch.Tensor) -> None:
+        self.accum.index_copy_(0, rows, acc)
+        self.weight.index_copy_(0, rows, weight)
 
 
 @dataclass
@@ -110,11 +116,17 @@ class RowGrad:
     rows: torch.Tensor
     leaf: torch.Tensor
 
-    def apply(self, lr: float) -> int:
-        """Apply the gradient (if any); returns the number of rows touched."""
+    def update(self, lr: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows' new accumulators and weights (None without a gradient)."""
         if self.leaf.grad is None:
+            return None
+        return self.table.row_update(self.rows, self.leaf.grad, lr)
+
+    def write(self, update: tuple[torch.Tensor, torch.Tensor] | None) -> int:
+        """Write an ``update``; returns the number of rows touched."""
+        if update is None:
             return 0
-        self.table.apply_row_grad(self.rows, self.leaf.grad, lr)
+        self.table.write_rows(self.rows, *update)
         return len(self.rows)
 
 

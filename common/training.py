@@ -126,6 +126,11 @@ class Trainer:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         assert u_grad is not None and i_grad is not None
-        u_grad.apply(ts.lr_embedding)
-        i_grad.apply(ts.lr_embedding)
+        updates = u_grad.update(ts.lr_embedding), i_grad.update(ts.lr_embedding)
+        if not all(u is None or bool(torch.isfinite(u[1]).all()) for u in updates):
+            # A finite loss can still step a row to inf/NaN: nothing of it is written.
+            raise TrainingDivergedError("an ID-row update is not finite (learning rate "
+                                        "too large?); no row was changed")
+        u_grad.write(updates[0])
+        i_grad.write(updates[1])
         return StepResult(value, u_grad.rows.numpy(), i_grad.rows.numpy())
