@@ -3,7 +3,7 @@
 ``GET /recall?user_id=U&k=K`` → ``{"user_id", "version", "fallback", "items": [{"item_id",
 "score"}]}``; ``GET /healthz`` → 200 when a version is served and Redis answers, else
 503; ``GET /metrics`` → Prometheus text. Bad parameters get a 400 with a message, an
-unknown path a 404; nothing answers with a stack trace.
+unknown path a 404, a URL over ``MAX_URL_CHARS`` a 414; nothing answers with a stack trace.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from serving.recall import NotReadyError, RecallService
 log = logging.getLogger(__name__)
 _PARAMS = {"user_id", "k"}
 _MAX_ID = 256
+# A recall URL is a few hundred characters; http.server itself only stops at 64 KiB.
+MAX_URL_CHARS = 2048
 
 
 class BadRequestError(ValueError):
@@ -66,6 +68,9 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        if len(self.path) > MAX_URL_CHARS:
+            self._json(414, {"error": f"URL longer than {MAX_URL_CHARS} characters"}, "other")
+            return
         url = urlsplit(self.path)
         route = {"/recall": self._recall, "/healthz": self._healthz,
                  "/metrics": self._metrics}.get(url.path)

@@ -15,6 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+
+# Fuzz profiles (tests/test_fuzz_*.py): "ci", the default, is reproducible (derandomized)
+# and quick; HYPOTHESIS_PROFILE=long runs 50x the cases with fresh randomness. Not a
+# RECSTREAM_* variable: the settings loader refuses names it does not know.
+hypothesis_settings.register_profile(
+    "ci", max_examples=1000, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.register_profile(
+    "long", max_examples=50_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Tests import their factories as a plain module.
 sys.path.insert(0, str(Path(__file__).parent))
