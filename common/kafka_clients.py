@@ -33,6 +33,9 @@ def _common(ks: KafkaSettings, bootstrap: str) -> dict[str, Any]:
         cfg.update(sasl_mechanism=ks.sasl_mechanism or "PLAIN",
                    sasl_plain_username=ks.sasl_username,
                    sasl_plain_password=ks.sasl_password.get_secret_value())
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):  # settings allow them with SSL
+        if getattr(ks, name):
+            cfg[name] = getattr(ks, name)
     return cfg
 
 

@@ -17,6 +17,7 @@ import fcntl
 import io
 import json
 import os
+import pickle
 import shutil
 import time
 import uuid
@@ -175,6 +176,11 @@ class Registry:
                 model, IdVocab.load(d / "user_vocab.npz"), IdVocab.load(d / "item_vocab.npz"),
                 FeatureEncoder.from_dict(enc["user"]), FeatureEncoder.from_dict(enc["item"]),
                 FrequencyEstimator.from_state(state), state["item_counts"].astype(np.float64))
+        except pickle.UnpicklingError:
+            # torch's message suggests weights_only=False: exactly what must never happen.
+            raise CorruptVersionError(
+                f"model version {meta['version']}: weights.pt holds objects, not only "
+                "tensors; refusing to load it (it could run code)") from None
         except (OSError, ValueError, KeyError, RuntimeError, VocabError) as exc:
             raise CorruptVersionError(f"cannot load model version {meta['version']}: {exc}") \
                 from exc

@@ -25,8 +25,17 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 PREFIX = "RECSTREAM_"
 
@@ -39,16 +48,60 @@ class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _existing_file(path: str) -> str:
+    try:
+        if not path or Path(path).is_file():
+            return path
+    except (OSError, ValueError):
+        pass
+    raise ValueError("no such file")
+
+
+def _secret_file(path: str) -> str:
+    """The secret a file holds (a trailing newline dropped), or ValueError saying why."""
+    try:
+        secret = Path(path).read_text().removesuffix("\n").removesuffix("\r")
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable"
+        raise ValueError(f"cannot read the file: {reason}") from None
+    if not secret:
+        raise ValueError("the file is empty")
+    return secret
+
+
+def _secret(value: SecretStr, path: str, name: str) -> SecretStr:
+    """The secret from ``value`` or from the file at ``path`` (one of them, not both)."""
+    if not path:
+        return value
+    from_file = _secret_file(path)
+    if value.get_secret_value() and value.get_secret_value() != from_file:
+        raise ValueError(f"set {name} or {name}_FILE, not both")
+    return SecretStr(from_file)
+
+
 class KafkaSettings(_Group):
-    """Broker connection and topics. Empty bootstrap = start the embedded broker."""
+    """Broker connection and topics. Empty bootstrap = start the embedded broker.
+
+    SASL_* protocols need a mechanism, a user and a password (or password file); SSL
+    files must exist; SASL and SSL settings a protocol would ignore are refused.
+    """
 
     bootstrap: str = ""
     topic: str = "interactions"
     dlq_topic: str = "interactions.dlq"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str = ""
-    sasl_username: str = ""
-    sasl_password: SecretStr = SecretStr("")
+    sasl_mechanism: str = Field("", validate_default=True,
+                                description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_username: str = Field("", validate_default=True)
+    sasl_password_file: str = Field("", description="a file holding the SASL password "
+                                    "(read at start-up; instead of sasl_password)")
+    sasl_password: SecretStr = Field(SecretStr(""), validate_default=True)
+    ssl_cafile: str = Field("", description="CA bundle to verify the brokers (SSL, SASL_SSL)")
+    ssl_certfile: str = Field("", description="client certificate (SSL, SASL_SSL)")
+    ssl_keyfile: str = Field("", description="client certificate's key (SSL, SASL_SSL)")
     max_message_bytes: int = Field(64 * 1024, gt=0)
     # Quick group joins (see ARCHITECTURE, broker facts): first records in ~3 s, not ~23 s.
     session_timeout_ms: int = Field(6000, ge=1000)
@@ -58,15 +111,66 @@ class KafkaSettings(_Group):
     partitions: int = Field(4, ge=1, description="partitions of the topic when recstream "
                             "creates it (an existing topic is left as it is)")
 
+    @field_validator("sasl_mechanism")
+    @classmethod
+    def _mechanism(cls, v: str, info: ValidationInfo) -> str:
+        if v and v not in SASL_MECHANISMS:
+            raise ValueError(f"must be one of {', '.join(SASL_MECHANISMS)}")
+        return cls._sasl_only(v, info)
+
+    @field_validator("sasl_username")
+    @classmethod
+    def _sasl_only(cls, v: str, info: ValidationInfo) -> str:
+        """Required with SASL_*, refused without (credentials that would go unused)."""
+        protocol = info.data.get("security_protocol")
+        if protocol is None:  # invalid itself: that error is the one reported
+            return v
+        if protocol.startswith("SASL_") and not v:
+            raise ValueError(f"required with security_protocol {protocol}")
+        if v and not protocol.startswith("SASL_"):
+            raise ValueError(f"is only used with security_protocol SASL_PLAINTEXT or "
+                             f"SASL_SSL, not {protocol}")
+        return v
+
+    @field_validator("sasl_password_file")
+    @classmethod
+    def _readable(cls, v: str) -> str:
+        if v:
+            _secret_file(v)
+        return v
+
+    @field_validator("sasl_password")
+    @classmethod
+    def _password(cls, v: SecretStr, info: ValidationInfo) -> SecretStr:
+        v = _secret(v, info.data.get("sasl_password_file", ""),
+                    "RECSTREAM_KAFKA_SASL_PASSWORD")
+        cls._sasl_only("*" if v.get_secret_value() else "", info)
+        return v
+
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _ssl_file(cls, v: str, info: ValidationInfo) -> str:
+        protocol = info.data.get("security_protocol")
+        if v and protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+            raise ValueError(f"is only used with security_protocol SSL or SASL_SSL, "
+                             f"not {protocol}")
+        return _existing_file(v)
+
 
 class RedisSettings(_Group):
-    """Redis connection and the published layout. Empty url = start the embedded server."""
+    """Redis connection and the published layout. Empty url = start the embedded server.
 
-    url: str = ""
-    username: str = ""
-    password: SecretStr = SecretStr("")
+    A password may come in the URL (``redis://:secret@host``), from ``password`` or from
+    ``password_file``, one of them; the URL is then a secret too and never shown.
+    """
+
+    url: str = Field("", repr=False, description="redis://, rediss:// (TLS) or unix://")
+    username: str = Field("", description="ACL user (needs its password)")
+    password_file: str = Field("", description="a file holding the password (read at "
+                               "start-up; instead of password)")
+    password: SecretStr = Field(SecretStr(""), validate_default=True)
     tls: bool = False
-    tls_ca_file: str = ""
+    tls_ca_file: str = Field("", description="CA bundle to verify the server (TLS only)")
     cluster: bool = Field(False, description="connect with the Redis Cluster client")
     socket_timeout_s: float = Field(5.0, gt=0)
     prefix: str = Field("rs", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -76,6 +180,46 @@ class RedisSettings(_Group):
         512, ge=1, description="users per hash bucket of a published version")
     pipeline_fields: int = Field(20_000, ge=1, description="hash fields per pipeline flush")
     seen_max: int = Field(500, ge=0, description="items kept per user for seen filtering")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v:
+            return v
+        try:  # messages never quote the URL: it may hold a password
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 - parsing it is the check
+        except ValueError:
+            raise ValueError("is not a valid URL (bad host or port)") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return v
+
+    @field_validator("password_file")
+    @classmethod
+    def _readable(cls, v: str) -> str:
+        if v:
+            _secret_file(v)
+        return v
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, v: SecretStr, info: ValidationInfo) -> SecretStr:
+        v = _secret(v, info.data.get("password_file", ""), "RECSTREAM_REDIS_PASSWORD")
+        in_url = urlsplit(info.data.get("url", "")).password
+        if in_url and v.get_secret_value():
+            raise ValueError("the URL holds a password too: set one of them")
+        if info.data.get("username") and not (in_url or v.get_secret_value()):
+            raise ValueError("required with RECSTREAM_REDIS_USERNAME (an ACL user signs in "
+                             "with its password)")
+        return v
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_file(cls, v: str, info: ValidationInfo) -> str:
+        if v and not (info.data.get("tls") or info.data.get("url", "").startswith("rediss:")):
+            raise ValueError("is only used with TLS: set RECSTREAM_REDIS_TLS=true")
+        return _existing_file(v)
 
 
 class IndexSettings(_Group):
@@ -364,7 +508,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
-        name = sources.get(loc) or f"{config_path}: {'.'.join(loc)}"
+        # An error on a default (a setting another one requires) names the variable to set.
+        name = sources.get(loc) or (f"{config_path}: {'.'.join(loc)}" if config_path
+                                    else (PREFIX + "_".join(loc)).upper())
         value = err.get("input")
-        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        secret = loc[-1:] in (("url",), ("password",), ("sasl_password",))
+        given = loc in sources or bool(config_path)  # a default's value says nothing
+        shown = f"={value!r}" if isinstance(value, str | int | float) and given \
+            and not secret else ""
         raise SettingsError(f"{name}{shown}: {err['msg']}") from None
