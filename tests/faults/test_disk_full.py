@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from daemons import lander
+from daemons import lander, trainer
 from publishing import control_for, released_champion
-from streaming import produce, stream_env, stream_settings, wait_for
+from streaming import bootstrap_champion, produce, stream_env, stream_settings, wait_for
 from test_nightly_job import day_ms_of, land_day, nightly_env, world  # noqa: F401
 
 from common.events import DAY_MS, format_day
@@ -25,6 +25,7 @@ from common.landed import landed_parts, read_landed_day
 from common.registry import Registry
 from common.settings import load_settings
 from common.synthetic import SyntheticData
+from stream.checkpoint import load_checkpoint
 
 
 def file_size_limit(limit: int) -> Callable[[], None]:
@@ -100,3 +101,42 @@ def test_nightly_on_a_full_disk_fails_cleanly_and_a_rerun_releases(
     assert release.champion != champion and release.previous == champion
     for version in registry.versions():
         registry.load(version)  # checksums hold
+
+
+def test_trainer_checkpoint_on_a_full_disk_keeps_the_last_one_and_loses_nothing(
+        tmp_path: Path, kafka_bootstrap: str, topic: str, world: SyntheticData,  # noqa: F811
+        fault, daemons) -> None:
+    day_ms = day_ms_of(world)
+    events = world.dataset.events.between(day_ms, day_ms + DAY_MS).take(np.arange(4000))
+    extra = {"RECSTREAM_STREAM_UPDATE_INTERVAL_S": "0.3",
+             "RECSTREAM_STREAM_CHECKPOINT_EVERY_STEPS": "1"}
+    settings = stream_settings(tmp_path, kafka_bootstrap, topic, **extra)
+    env = stream_env(tmp_path, kafka_bootstrap, topic, **extra)
+    bootstrap_champion(settings, world.dataset, day_ms)
+    ckpt_dir = settings.checkpoints_dir / "trainer"
+    first = daemons.start(trainer(env, tmp_path))
+    produce(kafka_bootstrap, topic, events.take(np.arange(1000)))
+    wait_for(lambda: first.counter("recstream_stream_events_applied") == 1000, 120,
+             "the first events applied")
+    assert first.stop() == 0  # SIGTERM: a checkpoint on the way out
+    saved = load_checkpoint(ckpt_dir)
+    assert saved is not None and saved[0].events_applied == 1000
+    before = digests([p for d in ckpt_dir.glob("ckpt-*") for p in d.iterdir()])
+    # Deltas (~100 KB) still fit; a checkpoint's frequency table (~1 MB) does not.
+    full = daemons.start(trainer(env, tmp_path, preexec=file_size_limit(256 * 1024)))
+    produce(kafka_bootstrap, topic, events.take(np.arange(1000, 4000)))
+    wait_for(lambda: not full.alive(), 120, "the trainer to stop on the failed checkpoint")
+    fault.injected += 1
+    assert full.proc is not None and full.proc.returncode == 1
+    assert "cannot write checkpoint" in full.log_text()
+    assert digests(list(before)) == before  # the last good checkpoint is intact
+    again = daemons.start(trainer(env, tmp_path))
+    # It resumes from the intact checkpoint's offsets: the 3000 events after it again.
+    wait_for(lambda: again.counter("recstream_stream_events_applied") == 3000, 120,
+             "the restarted trainer to catch up")
+    assert again.stop() == 0
+    final = load_checkpoint(ckpt_dir)
+    assert final is not None
+    fault.events_lost += len(events) - final[0].events_applied
+    assert final[0].events_applied == len(events)  # every event applied, none twice
+    fault.recovered += 1
