@@ -48,7 +48,7 @@ CONFIG = {"n_users": 400, "n_items": 200, "n_days": 4, "events_per_day": 2000, "
 
 
 def test_killed_full_publish_leaves_readers_on_the_released_version(
-        tmp_path: Path, redis_url: str, prefix: str) -> None:
+        tmp_path: Path, redis_url: str, prefix: str, fault) -> None:
     data = generate(SyntheticConfig(**CONFIG))
     settings = publish_settings(tmp_path, redis_url, prefix)
     v1 = released_champion(settings, data.dataset, int(data.day_start_ms[2]))
@@ -60,9 +60,10 @@ def test_killed_full_publish_leaves_readers_on_the_released_version(
 
     child = subprocess.run(
         [sys.executable, "-c", _KILL_MID_PUBLISH, v2, repr(CONFIG)], capture_output=True,
-        text=True, timeout=120, cwd=Path(__file__).parent.parent,
+        text=True, timeout=120, cwd=Path(__file__).parents[2],
         env={**os.environ, **publish_env(tmp_path, redis_url, prefix)})
     assert child.returncode == -9, child.stderr[-2000:]
+    fault.injected += 1
 
     control = control_for(settings)
     assert control.pub.users.meta(v2).state == WRITING
@@ -75,6 +76,7 @@ def test_killed_full_publish_leaves_readers_on_the_released_version(
     with pytest.raises(VersionStateError, match="not published completely"):
         control.promote(v2, force=True)
 
+    fault.versions_corrupted += after.version != v1  # readers never saw the half version
     control.publish(v2, data.dataset)  # the operator runs it again
     control.promote(v2, force=True)
     wait_until_serving(service, v2)
@@ -82,3 +84,4 @@ def test_killed_full_publish_leaves_readers_on_the_released_version(
     assert answer.version == v2 and answer.fallback is None
     assert [i for i, _ in answer.items] == exact_answer(
         settings, data.dataset, v2, user, 10, set(service.users.seen(user)))
+    fault.recovered += 1
