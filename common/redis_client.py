@@ -18,6 +18,18 @@ from common.settings import Settings
 RedisClient = redis.Redis | RedisCluster
 
 
+def redacted(url: str) -> str:
+    """``url`` without its credentials, for printing.
+
+    >>> redacted("redis://user:secret@cache:6379/0")
+    'redis://***@cache:6379/0'
+    """
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
+
+
 def redis_url(settings: Settings) -> str:
     """The configured Redis URL, else the home's embedded server (started if needed)."""
     if settings.redis.url:
@@ -34,11 +46,14 @@ def connect(settings: Settings, url: str | None = None) -> RedisClient:
         kwargs["username"] = rs.username
     if rs.password.get_secret_value():
         kwargs["password"] = rs.password.get_secret_value()
+    url = url or redis_url(settings)
     if rs.tls:
-        kwargs["ssl"] = True
+        # TLS is the URL scheme's business: redis-py hands an ``ssl`` argument of
+        # from_url to the connection class, which does not take it.
+        if url.startswith("redis://"):
+            url = "rediss://" + url[len("redis://"):]
         if rs.tls_ca_file:
             kwargs["ssl_ca_certs"] = rs.tls_ca_file
-    url = url or redis_url(settings)
     if rs.cluster:
         return RedisCluster.from_url(url, **kwargs)
     return redis.Redis.from_url(url, **kwargs)

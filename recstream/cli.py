@@ -28,8 +28,10 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        # One line, not argparse's usage dump: operators grep logs for this.
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        # One line, not argparse's usage dump: operators grep logs for this (an argument
+        # holding a line break is quoted with the break escaped).
+        one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line} (see --help)\n")
 
 
 def _day(text: str) -> str:

@@ -21,6 +21,7 @@ from common.baselines import PopularityScorer
 from common.evaluate import prequential_arms
 from common.events import DAY_MS, format_day, parse_day
 from common.movielens import load_dataset
+from common.redis_client import redacted
 from common.scoring import ChampionScorer
 from common.settings import Settings
 from recstream.demo_report import counter, per_day_rows, read_histogram, write_report
@@ -46,8 +47,8 @@ def run_demo(settings: Settings, dataset_name: str = "ml-100k", test_days: int =
     history, test = dataset.events.between(None, split_ms), dataset.events.between(split_ms)
     system = DemoSystem(settings, dataset, dataset_name, say)
     try:
-        say(f"[2/5] broker {system.s.kafka.bootstrap}, Redis {system.s.redis.url}, state in "
-            f"{system.home}")
+        say(f"[2/5] broker {system.s.kafka.bootstrap}, Redis {redacted(system.s.redis.url)}, "
+            f"state in {system.home}")
         say(f"[3/5] bootstrapping on {len(history):,} events before {split}")
         champion = system.bootstrap(split_ms)
         say(f"      {champion} released; starting the stream trainer and the lander")

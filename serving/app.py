@@ -66,6 +66,8 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body go out as two writes: without TCP_NODELAY, Nagle + delayed ACK
     # held every keep-alive response ~40 ms (bench/publish.py: p50 48 ms -> 6 ms).
     disable_nagle_algorithm = True
+    # An idle keep-alive connection (or a slow client) gives its thread back after this.
+    timeout = 60
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         if len(self.path) > MAX_URL_CHARS:

@@ -18,6 +18,8 @@ import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
+from common.redis_client import redacted
+
 # Fuzz profiles (tests/test_fuzz_*.py): "ci", the default, is reproducible (derandomized)
 # and quick; HYPOTHESIS_PROFILE=long runs 50x the cases with fresh randomness. Not a
 # RECSTREAM_* variable: the settings loader refuses names it does not know.
@@ -95,7 +97,7 @@ def redis_server(pytestconfig: pytest.Config,
     """A real Redis for this test session."""
     configured = os.environ.get("RECSTREAM_REDIS_URL")
     if configured:
-        _say(pytestconfig, f"[redis] RECSTREAM_REDIS_URL={configured}")
+        _say(pytestconfig, f"[redis] RECSTREAM_REDIS_URL={redacted(configured)}")
         yield RedisServer(configured)
         return
     if _docker_answers():

@@ -37,9 +37,8 @@ VALUES = ["ml-100k", "synthetic", "ml-1m", "landed", "dataset", "all", "warm", "
           "nan", "inf", "v000001", "v1", "champion", "previous", "", " "]
 tokens = st.sampled_from(COMMANDS) | st.sampled_from(OPTIONS) | st.sampled_from(VALUES) \
     | st.text(max_size=12)
-# Real argv entries cannot hold NUL bytes (execve ends a string there); line breaks are
-# left to the xfail at the end of this file.
-argv_lists = st.lists(tokens.filter(lambda t: not {"\x00", "\n", "\r"} & set(t)), max_size=8)
+# Real argv entries cannot hold NUL bytes (execve ends a string there).
+argv_lists = st.lists(tokens.filter(lambda t: "\x00" not in t), max_size=8)
 
 
 def _captured(run: object) -> tuple[int, str, str]:
@@ -165,9 +164,6 @@ def test_replay_to_before_from_is_a_usage_error(start: dt.date, back_days: int) 
     _one_error_line(err)
 
 
-@pytest.mark.xfail(strict=True, reason="recstream/cli.py (not ours to edit): argparse's "
-                   "message quotes unrecognized arguments raw, so one holding a line break "
-                   "makes the error two lines")
 def test_an_argument_with_a_line_break_is_refused_in_one_line() -> None:
     code, _, err = _captured(lambda: PARSER.parse_args(["nightly", "x\ny"]))
     assert code == EXIT_USAGE

@@ -166,9 +166,6 @@ def test_a_tls_ca_file_without_tls_is_refused() -> None:
     assert "only used with TLS" in message
 
 
-@pytest.mark.xfail(strict=True, reason="common/redis_client.py (not ours to edit) passes "
-                   "ssl=True to Redis.from_url, which redis-py 8 hands to the connection "
-                   "class: every RECSTREAM_REDIS_TLS=true client raises TypeError")
 def test_a_tls_client_to_an_unreachable_redis_fails_with_a_connection_error() -> None:
     settings = load_settings({"RECSTREAM_REDIS_URL": f"rediss://127.0.0.1:{_closed_port()}/0",
                               "RECSTREAM_REDIS_TLS": "true",
