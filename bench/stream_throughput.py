@@ -167,15 +167,15 @@ class TrainerThread:
                                        settings.kafka.bootstrap, stop=self.stop)
         self.first_record_at: float | None = None
         self.error: BaseException | None = None
-        poll = self.trainer.consumer.poll
+        receive = self.trainer.feed.receive
 
-        def timed_poll(*a: Any, **kw: Any) -> Any:
-            batch = poll(*a, **kw)
-            if batch and self.first_record_at is None:
+        def timed_receive(*a: Any, **kw: Any) -> Any:
+            fetched = receive(*a, **kw)
+            if fetched is not None and self.first_record_at is None:
                 self.first_record_at = time.perf_counter()
-            return batch
+            return fetched
 
-        self.trainer.consumer.poll = timed_poll  # type: ignore[method-assign]
+        self.trainer.feed.receive = timed_receive  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self._run, name="trainer", daemon=True)
 
     def _run(self) -> None:

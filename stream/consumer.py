@@ -26,13 +26,16 @@ from kafka.structs import OffsetAndMetadata
 
 from common.dataset import Dataset
 from common.events import Events
-from common.kafka_clients import make_consumer, make_producer, record_lag
+from common.kafka_clients import make_consumer, make_producer
 from common.registry import Registry, RegistryError
 from common.settings import Settings
 from common.shutdown import StopFlag
 from common.training import TrainingDivergedError
 from publisher.base import Delta, Publisher, PublishError
+from stream.buffer import Buffer
 from stream.checkpoint import CheckpointMeta, load_checkpoint, restore_into, save_checkpoint
+from stream.feed import Feed
+from stream.fetcher import Fetcher
 from stream.intake import Chunk, Intake
 from stream.learner import LearnOutput, StreamLearner, stream_train_settings
 from stream.lock import exclusive_lock
@@ -81,9 +84,7 @@ class TrainerConsumer:
         self.registry = Registry(settings.models_dir)
         self.ckpt_dir = settings.checkpoints_dir / "trainer"
         self.topic = settings.kafka.topic
-        self.buffer: deque[Chunk] = deque()
-        self.buffered_events = 0
-        self.batch_started: float | None = None
+        self.buffer = Buffer()
         self.freshness: deque[float] = deque(maxlen=1_000_000)
         self.step_no = self.events_applied = 0
         self.offsets: dict[int, int] = {}
@@ -104,9 +105,12 @@ class TrainerConsumer:
         self.pending: PendingStep | None = None
         self.max_steps: int | None = None
         self.consumer = make_consumer(settings.kafka, bootstrap, settings.stream.trainer_group)
-        self.intake = Intake(make_producer(settings.kafka, bootstrap), settings.kafka.dlq_topic,
-                             settings.kafka.max_message_bytes, self.metrics)
+        self.intake = Intake(make_producer(settings.kafka, bootstrap), self.topic,
+                             settings.kafka.dlq_topic, settings.kafka.max_message_bytes,
+                             self.metrics)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner")
+        self.feed = Feed(Fetcher(settings.kafka, bootstrap, self.topic,
+                                 settings.kafka.max_message_bytes))
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -131,24 +135,24 @@ class TrainerConsumer:
         return StreamLearner(bundle, self.dataset, stream_train_settings(self.s), version)
 
     # Both hooks run on kafka-python's IO thread, where blocking consumer calls (commit,
-    # position) are not allowed: they only seek, drop and checkpoint.
+    # position) are not allowed: they only pause, drop and checkpoint. The group consumer
+    # never fetches (its partitions stay paused): the fetch process reads, from the
+    # state's offsets, once the trainer's loop hands it the new assignment
+    # (``Feed.reassign``).
 
     def on_assigned(self, assigned: Any) -> None:
-        """Seek to the checkpoint's offsets: the restored state includes exactly those.
-        A partition the state has never seen starts at the group's committed offset."""
-        # A step still learning will be published and committed: resume after it.
-        offsets = self.pending.offsets if self.pending is not None else self.offsets
-        for tp in assigned:
-            if tp.partition in offsets:
-                self.consumer.seek(tp, offsets[tp.partition])
+        """Pause the partitions and have them read from the state's offsets."""
+        self.consumer.pause(*assigned)
+        with self.feed.lock:
+            self.feed.changed()
         log.info("partitions assigned", extra={"partitions": sorted(t.partition
                                                                     for t in assigned)})
 
     def on_revoked(self, revoked: Any) -> None:
         """Drop what is buffered (it is re-read from the state's offsets) and checkpoint."""
-        self.buffer.clear()
-        self.buffered_events = 0
-        self.batch_started = None
+        with self.feed.lock:
+            self.buffer.clear()
+            self.feed.changed()  # what the fetch process still sends for them is dropped
         if self.pending is None:  # mid-step the learner holds an unpublished update
             self.checkpoint()
 
@@ -168,7 +172,7 @@ class TrainerConsumer:
                 self.poll_once()
             self._finish_step(block=True)
             if self.buffer and not self._enough_steps():
-                self._step(self._take(self.buffered_events))
+                self._step(self.buffer.take(self.buffer.events))
         except StepAbandonedError:
             log.warning("stopped with an unpublished step: nothing committed or checkpointed; "
                         "a restart replays it")
@@ -183,19 +187,16 @@ class TrainerConsumer:
 
     def poll_once(self) -> None:
         """One poll and whatever steps, rebases and gauges are due."""
-        batch = self.consumer.poll(timeout_ms=self.s.stream.poll_timeout_ms)
-        for tp, records in batch.items():
-            chunk = self.intake.decode(tp.partition, records)
-            self.buffer.append(chunk)
-            self.buffered_events += chunk.n_events
-            if self.batch_started is None:
-                self.batch_started = time.monotonic()
+        self._receive()
         self._finish_step(block=False)
-        if self.pending is not None and self.buffered_events >= self.s.stream.max_batch_events:
+        if self.pending is not None and self.buffer.events >= self.s.stream.max_batch_events:
             # The next batch is ready: polling further only takes the GIL from the learner.
             self._finish_step(block=True)
-        if self.pending is None and self._due() and not self._enough_steps():
-            self._start_step(self._take(self.s.stream.max_batch_events))
+        stream = self.s.stream
+        if self.pending is None and self.buffer.due(stream.update_interval_s,
+                                                    stream.max_batch_events) \
+                and not self._enough_steps():
+            self._start_step(self.buffer.take(stream.max_batch_events))
         now = time.monotonic()
         if now >= self._next_rebase_check:
             self._next_rebase_check = now + self.s.stream.rebase_check_s
@@ -204,31 +205,29 @@ class TrainerConsumer:
             self._next_lag_update = now + 1.0
             self._update_lag()
 
+    def _receive(self) -> None:
+        """Keep the group membership, hand a new assignment to the fetch process, and
+        take in what it read."""
+        # While joining, the group consumer's poll is where the time goes; once assigned,
+        # the wait is for the fetch process.
+        assigned = bool(self.consumer.assignment())
+        self.keepalive(timeout_ms=0 if assigned else self.s.stream.poll_timeout_ms)
+        # A step still learning will be published and committed: resume after it.
+        self.feed.reassign(self.consumer, self.pending.offsets if self.pending is not None
+                           else self.offsets)
+        timeout_s = self.s.stream.poll_timeout_ms / 1000 if assigned else 0.0
+        # Back-pressure: a pipe not read blocks the fetch process.
+        while self.buffer.events < 2 * self.s.stream.max_batch_events:
+            fetched = self.feed.receive(timeout_s)
+            if fetched is None:
+                return
+            timeout_s = 0.0
+            with self.feed.lock:
+                if fetched.generation == self.feed.generation:  # else a rebalance voided it
+                    self.buffer.add(self.intake.accept(fetched))
+
     def _enough_steps(self) -> bool:
         return self.max_steps is not None and self.step_no >= self.max_steps
-
-    def _due(self) -> bool:
-        if not self.buffer:
-            return False
-        if self.buffered_events >= self.s.stream.max_batch_events:
-            return True
-        assert self.batch_started is not None
-        return time.monotonic() - self.batch_started >= self.s.stream.update_interval_s
-
-    def _take(self, max_events: int) -> list[Chunk]:
-        """The oldest records holding up to ``max_events`` valid events (a prefix per
-        partition, so the step's offsets cover exactly what it took)."""
-        out: list[Chunk] = []
-        n = 0
-        while self.buffer and (n < max_events or not self.buffer[0].n_events):
-            head, rest = self.buffer.popleft().split(max_events - n)
-            out.append(head)
-            n += head.n_events
-            if len(rest):
-                self.buffer.appendleft(rest)
-        self.buffered_events -= n
-        self.batch_started = time.monotonic() if self.buffer else None
-        return out
 
     # -- one step ---------------------------------------------------------------------
 
@@ -318,19 +317,15 @@ class TrainerConsumer:
                 raise StepAbandonedError(str(error)) from error
             delay, error = min(delay * 2, 30.0), None
 
-    def keepalive(self) -> None:
-        """Poll with every partition paused: stays in the group, learns nothing.
+    def keepalive(self, timeout_ms: int = 0) -> None:
+        """Poll the group consumer: stays in the group (rebalances happen here).
 
-        A rebalance inside this poll may assign partitions that are not paused; whatever
-        it returns for them is pushed back (seek) so that nothing is skipped.
+        Its partitions are paused, so it returns nothing; should a partition slip through
+        unpaused, what it returned is pushed back (seek) so that nothing is skipped.
         """
-        self.consumer.pause(*self.consumer.assignment())
-        try:
-            for tp, records in self.consumer.poll(timeout_ms=0).items():
-                if records:
-                    self.consumer.seek(tp, records[0].offset)
-        finally:
-            self.consumer.resume(*self.consumer.assignment())
+        for tp, records in self.consumer.poll(timeout_ms=timeout_ms).items():
+            if records:
+                self.consumer.seek(tp, records[0].offset)
 
     def _commit(self, offsets: dict[int, int]) -> None:
         assigned = {tp.partition for tp in self.consumer.assignment()}
@@ -404,7 +399,7 @@ class TrainerConsumer:
         """
         self._finish_step(block=True)
         if self.buffer:
-            self._step(self._take(self.buffered_events))
+            self._step(self.buffer.take(self.buffer.events))
         bundle, meta = self.registry.load(version)
         learner = StreamLearner(bundle, self.dataset, stream_train_settings(self.s), version)
         replayed = replay_since(self, learner, int(meta["cutoff_ms"]))
@@ -416,7 +411,10 @@ class TrainerConsumer:
         log.info("rebased", extra={"version": version, "replayed_events": replayed})
 
     def _update_lag(self) -> None:
-        record_lag(self.consumer, self.metrics.lag)
+        assigned = {tp.partition for tp in self.consumer.assignment()}
+        for partition, lag in self.feed.lag().items():
+            if partition in assigned:
+                self.metrics.lag.labels(str(partition)).set(lag)
 
     def close(self) -> None:
         try:
@@ -424,5 +422,6 @@ class TrainerConsumer:
             self.intake.dlq.close(timeout=5)
         finally:
             self.consumer.close(autocommit=False)
+            self.feed.close()
             self._pool.shutdown(wait=True)
             self._lock.close()

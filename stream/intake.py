@@ -1,4 +1,4 @@
-"""From Kafka records to validated events; rejects go to the dead-letter topic.
+"""Decoded records into the trainer's buffer; rejects go to the dead-letter topic.
 
 A dead letter keeps the original bytes and key, with headers naming the reason and
 where it came from, so it can be inspected and replayed. Dead letters are flushed
@@ -14,7 +14,7 @@ import numpy as np
 from kafka import KafkaProducer
 
 from common.events import Events
-from common.wire import decode_batch
+from stream.fetcher import Fetched, Reject
 from stream.metrics import TrainerMetrics
 
 
@@ -62,36 +62,33 @@ def reason_kind(reason: str) -> str:
 
 
 class Intake:
-    """Decodes records and dead-letters the bad ones."""
+    """Takes in decoded records and dead-letters the bad ones."""
 
-    def __init__(self, dlq: KafkaProducer, dlq_topic: str, max_bytes: int,
+    def __init__(self, dlq: KafkaProducer, topic: str, dlq_topic: str, max_bytes: int,
                  metrics: TrainerMetrics) -> None:
-        self.dlq, self.dlq_topic, self.max_bytes, self.metrics = dlq, dlq_topic, max_bytes, \
-            metrics
+        self.dlq, self.topic, self.dlq_topic = dlq, topic, dlq_topic
+        self.max_bytes, self.metrics = max_bytes, metrics
         self.dead_letters = 0
         self._unacked: list[tuple[Any, Letter]] = []  # (send future, what was sent)
 
-    def decode(self, partition: int, records: list[Any]) -> Chunk:
-        """One partition's records in columns; invalid ones are sent to the DLQ with a
-        reason."""
-        batch = decode_batch([r.value for r in records], self.max_bytes)
-        for n, reason in batch.rejects:
-            self._dead_letter(records[n], reason)
-        self.metrics.consumed.inc(len(records))
-        return Chunk(partition, np.array([r.offset for r in records], np.int64),
-                     np.array([r.timestamp for r in records], np.int64), batch.valid,
-                     batch.events)
+    def accept(self, fetched: Fetched) -> Chunk:
+        """A fetched chunk for the buffer; its rejects are sent to the DLQ."""
+        for reject in fetched.rejects:
+            self._dead_letter(fetched.partition, int(fetched.offsets[reject.index]), reject)
+        self.metrics.consumed.inc(len(fetched.offsets))
+        return Chunk(fetched.partition, fetched.offsets, fetched.record_ts_ms, fetched.valid,
+                     fetched.events)
 
-    def _dead_letter(self, rec: Any, reason: str) -> None:
-        headers = [("reason", reason.encode()), ("source.topic", rec.topic.encode()),
-                   ("source.partition", str(rec.partition).encode()),
-                   ("source.offset", str(rec.offset).encode())]
-        value = rec.value
+    def _dead_letter(self, partition: int, offset: int, reject: Reject) -> None:
+        headers = [("reason", reject.reason.encode()), ("source.topic", self.topic.encode()),
+                   ("source.partition", str(partition).encode()),
+                   ("source.offset", str(offset).encode())]
+        value = reject.value
         if value is not None and len(value) > self.max_bytes:
             value = value[: self.max_bytes]  # keep the head: the DLQ must accept the record
             headers.append(("truncated", b"true"))
-        self._send((rec.key, value, headers))
-        self.metrics.rejected.labels(reason_kind(reason)).inc()
+        self._send((reject.key, value, headers))
+        self.metrics.rejected.labels(reason_kind(reject.reason)).inc()
         self.dead_letters += 1
 
     def _send(self, letter: Letter) -> None:
