@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo lint bench bench-stream bench-publish clean
+.PHONY: test demo lint bench bench-stream bench-publish soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ bench-stream: $(STAMP)
 bench-publish: $(STAMP)
 	RECSTREAM_INDEX_IVF_NPROBE=384 $(BIN)/python bench/publish.py --users 1000000 \
 		--items 1000000 --concurrency 2 --json bench/results/publish.json
+
+# CI mode of the soak: 60 s at 2,000 events/s and 50 recall QPS against the trainer, the
+# lander and serving as processes; fails on a reconciliation gap or unbounded RSS. Long
+# mode: $(BIN)/python bench/soak.py --duration 3600.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --duration 60 --rate 2000 --qps 50 \
+		--json bench/results/soak.json
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
