@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RedisServer
 from publishing import (
     control_for,
     exact_answer,
@@ -68,7 +68,7 @@ def _published_rows_match(settings: Settings, trainer: TrainerConsumer, users: l
 
 
 def test_redis_down_during_a_delta_publish_commits_nothing_and_loses_nothing(
-        settings: Settings, world: SyntheticData, redis_server: RedisServer,
+        settings: Settings, world: SyntheticData, redis_server: Any,
         running: TrainerConsumer) -> None:
     if redis_server.embedded is None:
         pytest.skip("stopping and restarting Redis needs the embedded server")
