@@ -40,6 +40,7 @@ WRITING, COMPLETE = "writing", "complete"
 _TRIM_EVERY = 8
 _HSET, _ZADD, _GT, _ZREMRANGEBYRANK = map(arg, (b"HSET", b"ZADD", b"GT", b"ZREMRANGEBYRANK"))
 _BUCKETS_REMEMBERED = 2_000_000  # users whose bucket is kept (~200 MB at most)
+_MEMBERS_REMEMBERED = 1_000_000  # seen items' encoded ids kept (~100 MB at most)
 
 
 class VersionStateError(RuntimeError):
@@ -138,6 +139,7 @@ class UserStore:
         self.r, self.rs, self.keys = client, rs, Layout(rs.prefix)
         self._seen_calls = 0
         self._buckets: tuple[int, dict[str, int]] = (0, {})  # bucket count, user -> bucket
+        self._members: dict[str, bytes] = {}  # item id -> its RESP argument
 
     # -- versions ---------------------------------------------------------------------
 
@@ -289,14 +291,14 @@ class UserStore:
         later time, as separate ZADDs would."""
         if self.rs.seen_max == 0 or not len(user_ids):
             return
-        member: dict[str, bytes] = {}
-        per_user: dict[str, list[bytes]] = {}
+        if len(self._members) > _MEMBERS_REMEMBERED:
+            self._members = {}
+        member, per_user = self._members, {}
         for u, i, t in zip(user_ids, item_ids, ts_ms, strict=True):
             m = member.get(i)
             if m is None:
                 m = member[i] = arg(i.encode())
-            score = b"%d" % t
-            pair = b"$%d\r\n%b\r\n%b" % (len(score), score, m)
+            pair = _score_member(t, m)
             pairs = per_user.get(u)
             if pairs is None:
                 per_user[u] = [pair]
@@ -390,6 +392,15 @@ class UserStore:
                 return p.execute()
         except redis.RedisError as exc:
             raise PublishError(f"redis: {exc}") from exc
+
+
+def _score_member(ts_ms: int, member: bytes) -> bytes:
+    """A ZADD score (an event time) and its ``arg``-encoded member, as RESP."""
+    if 10**11 <= ts_ms < 10**13:  # every time in the event contract: one format, not two
+        return (b"$13\r\n%d\r\n%b" if ts_ms >= 10**12 else b"$12\r\n%d\r\n%b") % (ts_ms,
+                                                                                   member)
+    score = b"%d" % ts_ms
+    return b"$%d\r\n%b\r\n%b" % (len(score), score, member)
 
 
 def _values(values: np.ndarray) -> list[bytes]:

@@ -54,7 +54,9 @@ def test_user_writes_and_seen_items_store_what_redis_py_commands_store(
     feats = rng.integers(0, 9, size=(40, 3)).astype(np.int32)
     seen_users = [users[k] for k in rng.integers(0, 40, 300)]
     seen_items = [f"i{k}" for k in rng.integers(0, 30, 300)]
-    seen_ts = rng.integers(1_700_000_000_000, 1_700_000_100_000, 300).tolist()
+    # Times on both sides of 12 and 13 digits, and one far outside them.
+    seen_ts = rng.integers(999_999_900_000, 1_000_000_100_000, 300).tolist()
+    seen_ts[0] = 7
     fast = _store(redis_url, f"{prefix}-fast", RECSTREAM_REDIS_PIPELINE_FIELDS="7")
     meta = fast.begin("v1", 40, 4, 3, 0)
     fast.write("v1", users, vecs, feats)
