@@ -493,54 +493,68 @@ def _ms(h: Histogram, q: float) -> float:
 
 def summarise(args: argparse.Namespace, f: dict[str, Any]) -> dict[str, Any]:
     """The figures, the RSS verdicts, the reconciliation and the checks."""
-    p, c, q = f["produced"], f["counters"], f["queries"]
-    total = f["warmup_events"] + p["events"] + p["poison"]
+    p = f["produced"]
     fresh = minus(read_histogram(f["trainer_metrics"], "recstream_stream_freshness_seconds"),
                   f["freshness_at_warmup"])
+    serving, rss, reconciliation = serving_figures(args, f), rss_report(args, f), reconcile(f)
+    checks = {"reconciliation": reconciliation["trainer_holds"]
+              and reconciliation["lander_holds"],
+              "rss_bounded": all(r["bounded"] for r in rss.values() if r["judged"]),
+              "no_5xx_or_failed_requests": serving["errors_5xx"] == 0
+              and serving["failed"] == 0,
+              "daemons_alive": all(f["alive"].values())}
+    return {
+        "passed": all(checks.values()), "checks": checks,
+        "events": {**p, "offered_per_s": args.rate,
+                   "trainer_applied_per_s_during_load": round(
+                       (f["applied_at_load_end"] - f["warmup_events"]) / p["seconds"], 1),
+                   "drain_s": f["drain_s"]},
+        "freshness_p50_s": fresh.quantile(0.5), "freshness_p99_s": fresh.quantile(0.99),
+        "freshness_count": fresh.count, "serving": serving, "rss": rss,
+        "reconciliation": reconciliation,
+        "broker": f["broker"], "redis": f["redis"], "champion": f["champion"]}
+
+
+def serving_figures(args: argparse.Namespace, f: dict[str, Any]) -> dict[str, Any]:
+    """Latency as the load generator measured it and as the server's histogram has it."""
+    q = f["queries"]
     server = read_histogram(f["serving_metrics"], "recstream_serving_request_seconds")
     lat = np.asarray(q["latencies"]) * 1e3 if q["latencies"] else np.zeros(1)
-    errors_5xx = sum(n for code, n in q["status"].items() if int(code) >= 500)
+    return {"client_p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "client_p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "client_max_ms": round(float(lat.max()), 2), "qps_offered": args.qps,
+            "qps_achieved": round(len(q["latencies"]) / q["seconds"], 1),
+            "requests": len(q["latencies"]), "status": q["status"],
+            "errors_5xx": sum(n for code, n in q["status"].items() if int(code) >= 500),
+            "failed": q["failed"], "fallbacks": q["fallbacks"],
+            "fallback_reasons": by_label(f["serving_metrics"], "recstream_serving_fallbacks",
+                                         "reason"),
+            "server_p50_ms": _ms(server, 0.5), "server_p99_ms": _ms(server, 0.99),
+            "server_count": server.count}
+
+
+def rss_report(args: argparse.Namespace, f: dict[str, Any]) -> dict[str, Any]:
+    """Each process tree's RSS verdict over the load (broker and Redis reported, not judged)."""
     rss = {}
     for name, samples in f["rss_samples"].items():
         in_load = [s for s in samples if s[0] <= f["load_end_s"]]
         rss[name] = {**rss_verdict(in_load, args.rss_tolerance, args.rss_slack_mib),
                      "judged": name not in ("broker", "redis"),
                      "processes": f["rss_processes"][name], "timeline": samples}
-    reasons = by_label(f["trainer_metrics"], "recstream_stream_events_rejected", "reason")
-    reconciliation = {
-        "produced": total, "warmup_events": f["warmup_events"], "poison_sent": p["poison"],
-        **c, "dead_letter_reasons": reasons,
-        "trainer_holds": total == c["applied"] + c["dead_lettered"]
-        and c["dead_lettered"] == p["poison"],
-        "lander_holds": total == c["landed"] + c["lander_rejected"]
-        and c["lander_rejected"] == p["poison"] and c["lander_duplicates"] == 0}
-    checks = {"reconciliation": reconciliation["trainer_holds"]
-              and reconciliation["lander_holds"],
-              "rss_bounded": all(r["bounded"] for r in rss.values() if r["judged"]),
-              "no_5xx_or_failed_requests": errors_5xx == 0 and q["failed"] == 0,
-              "daemons_alive": all(f["alive"].values())}
-    return {
-        "passed": all(checks.values()), "checks": checks,
-        "events": {**p, "offered_per_s": args.rate,
-                   "trainer_applied_per_s_during_load": round(
-                       f["applied_at_load_end"] / p["seconds"], 1),
-                   "drain_s": f["drain_s"]},
-        "freshness_p50_s": fresh.quantile(0.5), "freshness_p99_s": fresh.quantile(0.99),
-        "freshness_count": fresh.count,
-        "serving": {"client_p50_ms": round(float(np.percentile(lat, 50)), 2),
-                    "client_p99_ms": round(float(np.percentile(lat, 99)), 2),
-                    "client_max_ms": round(float(lat.max()), 2),
-                    "qps_offered": args.qps,
-                    "qps_achieved": round(len(q["latencies"]) / q["seconds"], 1),
-                    "requests": len(q["latencies"]), "status": q["status"],
-                    "errors_5xx": errors_5xx, "failed": q["failed"],
-                    "fallbacks": q["fallbacks"],
-                    "fallback_reasons": by_label(f["serving_metrics"],
-                                                 "recstream_serving_fallbacks", "reason"),
-                    "server_p50_ms": _ms(server, 0.5),
-                    "server_p99_ms": _ms(server, 0.99), "server_count": server.count},
-        "rss": rss, "reconciliation": reconciliation,
-        "broker": f["broker"], "redis": f["redis"], "champion": f["champion"]}
+    return rss
+
+
+def reconcile(f: dict[str, Any]) -> dict[str, Any]:
+    """Produced = applied + dead-lettered = landed + lander rejects; dead letters = poison."""
+    p, c = f["produced"], f["counters"]
+    total = f["warmup_events"] + p["events"] + p["poison"]
+    return {"produced": total, "warmup_events": f["warmup_events"], "poison_sent": p["poison"],
+            **c, "dead_letter_reasons": by_label(f["trainer_metrics"],
+                                                 "recstream_stream_events_rejected", "reason"),
+            "trainer_holds": total == c["applied"] + c["dead_lettered"]
+            and c["dead_lettered"] == p["poison"],
+            "lander_holds": total == c["landed"] + c["lander_rejected"]
+            and c["lander_rejected"] == p["poison"] and c["lander_duplicates"] == 0}
 
 
 def print_table(args: argparse.Namespace, r: dict[str, Any]) -> None:
