@@ -14,6 +14,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from kafka.errors import KafkaError
+
 from stream.fetcher import Fetched, Fetcher
 
 
@@ -43,9 +45,13 @@ class Feed:
         with self.lock:
             generation, assigned = self.generation, consumer.assignment()
             self._changed = False
-        positions = {tp.partition: offsets[tp.partition] if tp.partition in offsets
-                     else consumer.position(tp) for tp in assigned}
-        if any(p is None for p in positions.values()):
+        positions: dict[int, int | None] | None
+        try:
+            positions = {tp.partition: offsets[tp.partition] if tp.partition in offsets
+                         else consumer.position(tp) for tp in assigned}
+        except KafkaError:  # e.g. revoked meanwhile: a newer generation follows
+            positions = None
+        if positions is None or None in positions.values():
             self._changed = True  # not known yet: the next poll tries again
             return
         self._highwater.clear()

@@ -1,0 +1,47 @@
+"""The trainer's buffer of decoded chunks: steps take a prefix of each partition."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.events import Events
+from stream.buffer import Buffer
+from stream.intake import Chunk
+
+
+def _chunk(partition: int, first_offset: int, valid: list[bool]) -> Chunk:
+    n = sum(valid)
+    obj = np.array([f"e{first_offset + k}" for k in range(n)], dtype=object)
+    events = Events(obj, obj, obj, np.array(["click"] * n, dtype=object),
+                    np.full(n, np.nan, np.float32), np.arange(n, dtype=np.int64))
+    offsets = np.arange(first_offset, first_offset + len(valid), dtype=np.int64)
+    return Chunk(partition, offsets, offsets * 10, np.array(valid), events)
+
+
+def test_take_stops_at_the_limit_and_keeps_the_rest_in_order() -> None:
+    buffer = Buffer()
+    buffer.add(_chunk(0, 0, [True, True, True]))
+    buffer.add(_chunk(1, 5, [True, True]))
+    taken = buffer.take(4)
+    assert [(c.partition, c.offsets.tolist()) for c in taken] == [(0, [0, 1, 2]), (1, [5])]
+    assert sum(c.n_events for c in taken) == 4 and buffer.events == 1
+    assert [(c.partition, c.offsets.tolist(), c.events.event_id.tolist())
+            for c in buffer.chunks] == [(1, [6], ["e6"])]
+
+
+def test_dead_letters_after_the_last_event_taken_go_with_it() -> None:
+    buffer = Buffer()
+    buffer.add(_chunk(0, 0, [True, False, False, True]))
+    buffer.add(_chunk(1, 0, [False, False]))
+    head = buffer.take(1)
+    assert [c.offsets.tolist() for c in head] == [[0, 1, 2]]
+    rest = buffer.take(1)
+    assert [(c.partition, c.offsets.tolist()) for c in rest] == [(0, [3]), (1, [0, 1])]
+    assert not buffer and buffer.events == 0
+
+
+def test_a_step_is_due_at_max_events_or_after_the_interval() -> None:
+    buffer = Buffer()
+    assert not buffer.due(0.0, 10)
+    buffer.add(_chunk(0, 0, [True] * 3))
+    assert buffer.due(0.0, 10) and buffer.due(60.0, 3) and not buffer.due(60.0, 4)
