@@ -6,8 +6,9 @@ against kafka-python's bare poll rate, and how fresh published deltas are at a s
 
 Phase A (throughput): N events go into a fresh topic first (the replayer's producer, flat
 out); then a group-less consumer only counts them (``raw_poll_per_s``), then the trainer
-consumer applies them (``events_per_s``: N over the time from its first record to the last
-event applied, group join excluded; ``events_per_s_incl_join`` includes it).
+consumer applies them (``events_per_s``: N over the time from its first records (the
+first chunk from its fetch process) to the last event applied, group join excluded;
+``events_per_s_incl_join`` includes it).
 Phase B (freshness): the trainer runs on another fresh topic while a separate process
 replays events at ``--rate`` per second of wall time for ``--duration`` seconds; freshness
 is the trainer's own per-event figure, record timestamp (send time) to the step being
@@ -159,7 +160,8 @@ def raw_poll(settings: Settings, n: int) -> dict[str, float]:
 
 
 class TrainerThread:
-    """A TrainerConsumer on a thread, with the time its first records arrived."""
+    """A TrainerConsumer on a thread, with the time its first records arrived from its
+    fetch process."""
 
     def __init__(self, settings: Settings, dataset: Dataset) -> None:
         self.stop = StopFlag()
