@@ -417,11 +417,17 @@ class TrainerConsumer:
                 self.metrics.lag.labels(str(partition)).set(lag)
 
     def close(self) -> None:
+        # Each part closes even when one before it raised (a checkpoint that fails in the
+        # revoke on close, say): a fetch process left running would block the exit.
         try:
             self.intake.flush(timeout_s=5)
             self.intake.dlq.close(timeout=5)
         finally:
-            self.consumer.close(autocommit=False)
-            self.feed.close()
-            self._pool.shutdown(wait=True)
-            self._lock.close()
+            try:
+                self.consumer.close(autocommit=False)
+            finally:
+                try:
+                    self.feed.close()
+                finally:
+                    self._pool.shutdown(wait=True)
+                    self._lock.close()

@@ -16,6 +16,7 @@ trainer closes the pipes or dies.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import multiprocessing as mp
 import signal
@@ -73,6 +74,9 @@ class Fetcher:
                                    args=(ks, bootstrap, topic, max_bytes, child_control,
                                          child_data))
         self.process.start()
+        # The child ignores SIGTERM, which is how multiprocessing ends daemonic children
+        # at exit: kill it first if the trainer exits without closing this handle.
+        atexit.register(self._kill_if_alive)
         child_control.close()
         child_data.close()
         if not self._control.poll(_START_TIMEOUT_S):
@@ -95,6 +99,11 @@ class Fetcher:
                              ) from exc
         return fetched
 
+    def _kill_if_alive(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)
+
     def close(self) -> None:
         with contextlib.suppress(OSError):  # already gone
             self._control.send(None)
@@ -102,7 +111,7 @@ class Fetcher:
         self._control.close()
         self.process.join(timeout=10)
         if self.process.is_alive():
-            self.process.terminate()
+            self.process.kill()  # it ignores SIGTERM (terminate) by design
             self.process.join(timeout=5)
 
 

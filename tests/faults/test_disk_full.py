@@ -1,7 +1,9 @@
-"""Disk full while writing state: the process runs under a file-size limit (RLIMIT_FSIZE,
-SIGXFSZ ignored, so a write past it fails with EFBIG as on a full disk). What was
-written before stays intact, nothing is committed or released past the failure, the
-error is reported, and a restart with room finishes the work."""
+"""Disk full while writing state. The lander and the nightly run under a file-size limit
+(RLIMIT_FSIZE, SIGXFSZ ignored: a write past it fails with EFBIG as on a full disk); the
+trainer, whose fetcher hands records over in shared memory, gets a small tmpfs for its
+checkpoints that is filled up (ENOSPC). What was written before stays intact, nothing
+is committed or released past the failure, the error is reported, and a restart with
+room finishes the work."""
 
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 from daemons import lander, trainer
 from publishing import control_for, released_champion
 from streaming import bootstrap_champion, produce, stream_env, stream_settings, wait_for
@@ -103,6 +107,31 @@ def test_nightly_on_a_full_disk_fails_cleanly_and_a_rerun_releases(
         registry.load(version)  # checksums hold
 
 
+@contextmanager
+def tiny_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (root only: skips elsewhere)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()[:80]}): the "
+                    "trainer's full-disk case needs one")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path, leave: int) -> Path:
+    """Fill the file system of ``path`` until ``leave`` bytes are free."""
+    st = os.statvfs(path)
+    filler = path / "filler.bin"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * max(st.f_bavail * st.f_frsize - leave, 0))
+    return filler
+
+
 def test_trainer_checkpoint_on_a_full_disk_keeps_the_last_one_and_loses_nothing(
         tmp_path: Path, kafka_bootstrap: str, topic: str, world: SyntheticData,  # noqa: F811
         fault, daemons) -> None:
@@ -114,28 +143,31 @@ def test_trainer_checkpoint_on_a_full_disk_keeps_the_last_one_and_loses_nothing(
     env = stream_env(tmp_path, kafka_bootstrap, topic, **extra)
     bootstrap_champion(settings, world.dataset, day_ms)
     ckpt_dir = settings.checkpoints_dir / "trainer"
-    first = daemons.start(trainer(env, tmp_path))
-    produce(kafka_bootstrap, topic, events.take(np.arange(1000)))
-    wait_for(lambda: first.counter("recstream_stream_events_applied") == 1000, 120,
-             "the first events applied")
-    assert first.stop() == 0  # SIGTERM: a checkpoint on the way out
-    saved = load_checkpoint(ckpt_dir)
-    assert saved is not None and saved[0].events_applied == 1000
-    before = digests([p for d in ckpt_dir.glob("ckpt-*") for p in d.iterdir()])
-    # Deltas (~100 KB) still fit; a checkpoint's frequency table (~1 MB) does not.
-    full = daemons.start(trainer(env, tmp_path, preexec=file_size_limit(256 * 1024)))
-    produce(kafka_bootstrap, topic, events.take(np.arange(1000, 4000)))
-    wait_for(lambda: not full.alive(), 120, "the trainer to stop on the failed checkpoint")
-    fault.injected += 1
-    assert full.proc is not None and full.proc.returncode == 1
-    assert "cannot write checkpoint" in full.log_text()
-    assert digests(list(before)) == before  # the last good checkpoint is intact
-    again = daemons.start(trainer(env, tmp_path))
-    # It resumes from the intact checkpoint's offsets: the 3000 events after it again.
-    wait_for(lambda: again.counter("recstream_stream_events_applied") == 3000, 120,
-             "the restarted trainer to catch up")
-    assert again.stop() == 0
-    final = load_checkpoint(ckpt_dir)
+    # A checkpoint here is ~2 MB; two are kept and a third is staged before the oldest goes.
+    with tiny_tmpfs(ckpt_dir, "16m"):
+        first = daemons.start(trainer(env, tmp_path))
+        produce(kafka_bootstrap, topic, events.take(np.arange(1000)))
+        wait_for(lambda: first.counter("recstream_stream_events_applied") == 1000, 120,
+                 "the first events applied")
+        assert first.stop() == 0  # SIGTERM: a checkpoint on the way out
+        saved = load_checkpoint(ckpt_dir)
+        assert saved is not None and saved[0].events_applied == 1000
+        before = digests([p for d in ckpt_dir.glob("ckpt-*") for p in d.iterdir()])
+        filler = fill(ckpt_dir, leave=512 * 1024)  # the next checkpoint cannot fit
+        full = daemons.start(trainer(env, tmp_path))
+        produce(kafka_bootstrap, topic, events.take(np.arange(1000, 4000)))
+        wait_for(lambda: not full.alive(), 120, "the trainer to stop on the failed checkpoint")
+        fault.injected += 1
+        assert full.proc is not None and full.proc.returncode == 1
+        assert "No space left on device" in full.log_text()
+        assert digests(list(before)) == before  # the last good checkpoint is intact
+        filler.unlink()  # room again
+        again = daemons.start(trainer(env, tmp_path))
+        # It resumes from the intact checkpoint's offsets: the 3000 events after it again.
+        wait_for(lambda: again.counter("recstream_stream_events_applied") == 3000, 120,
+                 "the restarted trainer to catch up")
+        assert again.stop() == 0
+        final = load_checkpoint(ckpt_dir)
     assert final is not None
     fault.events_lost += len(events) - final[0].events_applied
     assert final[0].events_applied == len(events)  # every event applied, none twice
