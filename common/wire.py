@@ -1,7 +1,7 @@
 """The event contract on the wire: one JSON object per Kafka record, key = user_id.
 
 Fields: ``event_id``, ``user_id``, ``item_id`` (non-empty strings), ``event_type``
-(one of ``EVENT_TYPES``), ``value`` (a finite number or null; required for ratings),
+(one of ``EVENT_TYPES``), ``value`` (a finite number within float32's range, or null; required for ratings),
 ``ts_ms`` (integer milliseconds since the epoch, UTC) and an optional ``context``
 object of short string/number/bool values. Anything else is rejected with a reason;
 the stream sends rejects to the dead-letter topic with that reason in a header.
@@ -38,6 +38,8 @@ MAX_CONTEXT_KEYS = 32
 MAX_CONTEXT_VALUE_CHARS = 256
 # 1990-01-01 .. 2100-01-01: outside is a unit bug (seconds, microseconds), not an event.
 MIN_TS_MS, MAX_TS_MS = 631_152_000_000, 4_102_444_800_000
+# Values are stored as float32: a finite number beyond its range would become inf.
+MAX_VALUE = float(np.finfo(np.float32).max)
 _PLAIN = frozenset({"event_id", "user_id", "item_id", "event_type", "value", "ts_ms"})
 _KNOWN = _PLAIN | {"context"}
 DEFAULT_MAX_BYTES = 64 * 1024
@@ -127,7 +129,7 @@ def decode_event(raw: bytes | None, max_bytes: int | None = DEFAULT_MAX_BYTES) -
                 and 0 < len(i) <= MAX_ID_CHARS and type(t) is str and t in EVENT_TYPES
                 and type(ts) is int and MIN_TS_MS <= ts < MAX_TS_MS
                 and ((v is None and t != RATING)
-                     or ((type(v) is float or type(v) is int) and math.isfinite(v)))):
+                     or ((type(v) is float or type(v) is int) and -MAX_VALUE <= v <= MAX_VALUE))):
             return WireEvent(e, u, i, t, None if v is None else float(v), ts)
     return _validate(d)
 
@@ -151,7 +153,7 @@ def _validate(d: Any) -> WireEvent:
     value = d.get("value")
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, int | float) \
-                or not math.isfinite(value):
+                or not -MAX_VALUE <= value <= MAX_VALUE:
             raise InvalidEventError("value must be a finite number or null")
         value = float(value)
     elif event_type == RATING:
@@ -241,7 +243,7 @@ def _decode_plain(raws: Sequence[bytes | None], max_bytes: int | None) -> Decode
     except (ValueError, TypeError, KeyError, OverflowError):
         return None
     types = _object_column(t)
-    if ((ts_ms < MIN_TS_MS) | (ts_ms >= MAX_TS_MS)).any() or np.isinf(value).any() \
+    if ((ts_ms < MIN_TS_MS) | (ts_ms >= MAX_TS_MS)).any() or (np.abs(value) > MAX_VALUE).any() \
             or (np.isnan(value) & (types == RATING)).any():
         return None
     events = Events(_object_column(e), _object_column(u), _object_column(i), types,

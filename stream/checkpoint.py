@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 import uuid
@@ -106,7 +107,8 @@ def load_checkpoint(root: Path) -> tuple[CheckpointMeta, dict[str, Any]] | None:
                                                p.name.startswith("ckpt-")), reverse=True):
         try:
             return _read(d)
-        except (OSError, ValueError, KeyError, RuntimeError, VocabError) as exc:
+        except (OSError, ValueError, KeyError, RuntimeError, VocabError,
+                pickle.UnpicklingError) as exc:  # a table holding objects: refused
             log.warning("skipping unreadable checkpoint", extra={"path": str(d),
                                                                  "error": str(exc)})
     return None

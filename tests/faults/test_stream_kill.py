@@ -62,7 +62,7 @@ class CommitMonitor(threading.Thread):
 
 
 def test_sigkill_loses_nothing_and_matches_an_uninterrupted_run(
-        tmp_path: Path, kafka_bootstrap: str, topic: str) -> None:
+        tmp_path: Path, kafka_bootstrap: str, topic: str, fault) -> None:
     world = generate(SyntheticConfig())  # what `--dataset synthetic` loads
     crash, ref = tmp_path / "crash", tmp_path / "ref"
     extra = {"RECSTREAM_KAFKA_PARTITIONS": "1", "RECSTREAM_STREAM_MAX_BATCH_EVENTS": str(BATCH),
@@ -114,6 +114,7 @@ def test_sigkill_loses_nothing_and_matches_an_uninterrupted_run(
                 p.kill()
                 p.wait(10)
     assert kills >= 5, f"only {kills} kills landed while the trainer ran"
+    fault.injected += kills
     assert monitor.checks > 50 and monitor.violations == []
     got, want = published.read(version), FilePublisher(ref / "published").read(version)
     assert got.offsets == want.offsets == {0: len(events)}
@@ -124,3 +125,5 @@ def test_sigkill_loses_nothing_and_matches_an_uninterrupted_run(
           f"max |diff| users {user_diff:.2e}, items {item_diff:.2e}; "
           f"{monitor.checks} commit checks, 0 violations")
     assert user_diff <= TOLERANCE and item_diff <= TOLERANCE
+    fault.events_lost += len(events) - got.offsets.get(0, 0)
+    fault.recovered += kills
