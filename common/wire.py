@@ -1,7 +1,8 @@
 """The event contract on the wire: one JSON object per Kafka record, key = user_id.
 
 Fields: ``event_id``, ``user_id``, ``item_id`` (non-empty strings), ``event_type``
-(one of ``EVENT_TYPES``), ``value`` (a finite number within float32's range, or null; required for ratings),
+(one of ``EVENT_TYPES``), ``value`` (a finite number within float32's range, or null;
+required for ratings),
 ``ts_ms`` (integer milliseconds since the epoch, UTC) and an optional ``context``
 object of short string/number/bool values. Anything else is rejected with a reason;
 the stream sends rejects to the dead-letter topic with that reason in a header.
