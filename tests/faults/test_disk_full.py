@@ -24,6 +24,7 @@ from publishing import control_for, released_champion
 from streaming import bootstrap_champion, produce, stream_env, stream_settings, wait_for
 from test_nightly_job import day_ms_of, land_day, nightly_env, world  # noqa: F401
 
+from batch.nightly import NightlyJob
 from common.events import DAY_MS, format_day
 from common.landed import landed_parts, read_landed_day
 from common.registry import Registry
@@ -172,3 +173,27 @@ def test_trainer_checkpoint_on_a_full_disk_keeps_the_last_one_and_loses_nothing(
     fault.events_lost += len(events) - final[0].events_applied
     assert final[0].events_applied == len(events)  # every event applied, none twice
     fault.recovered += 1
+
+
+def test_index_write_on_a_full_disk_fails_the_publish_and_a_rerun_releases(
+        tmp_path: Path, redis_url: str, prefix: str, world: SyntheticData,  # noqa: F811
+        fault) -> None:
+    settings = load_settings(nightly_env(tmp_path, redis_url, prefix))
+    day_ms = day_ms_of(world)
+    with tiny_tmpfs(settings.indexes_dir, "8m"):
+        champion = released_champion(settings, world.dataset, day_ms)
+        land_day(settings, world, day_ms)
+        filler = fill(settings.indexes_dir, leave=8 * 1024)  # no room for another index
+        first = NightlyJob(settings, world.dataset, control_for(settings)).run(
+            format_day(day_ms))
+        fault.injected += 1
+        assert first.result == "failed" and first.reason.startswith("publish: ")
+        assert "No space left on device" in first.reason
+        release = control_for(settings).pub.users.release()
+        assert release.champion == champion  # still serving, its index intact
+        assert control_for(settings).pub.indexes.load(champion)[0] is not None
+        filler.unlink()
+        again = NightlyJob(settings, world.dataset, control_for(settings)).run(
+            format_day(day_ms))
+        assert again.result == "released" and again.version == first.version
+        fault.recovered += 1
