@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import platform
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -46,3 +47,12 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Iterator
     finally:
         server.shutdown()
         server.server_close()
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> str:
+    """A daemon's /metrics text (empty when it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except OSError:
+        return ""

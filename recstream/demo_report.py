@@ -76,6 +76,13 @@ def counter(text: str, name: str) -> int:
                    if s.name == name + "_total"))
 
 
+def gauge(text: str, name: str) -> float:
+    """An unlabelled gauge's value from a /metrics text; NaN if absent."""
+    return next((float(s.value) for family in text_string_to_metric_families(text)
+                 if family.name == name for s in family.samples if s.name == name),
+                float("nan"))
+
+
 def per_day_rows(results: dict[str, dict[int, PrequentialResult]],
                  ks: tuple[int, ...]) -> list[dict[str, Any]]:
     """One row per day: scored positives and each arm's recall at each k."""

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from common.launcher import free_port, stop_pid
 from common.redis_server import EmbeddedRedis, home_redis
 from common.registry import Registry
 from common.settings import Settings, load_settings
+from common.telemetry import scrape
 from publisher.control import ReleaseControl
 from publisher.redis_faiss import RedisFaissPublisher
 from serving.recall import RecallService
@@ -198,11 +198,11 @@ class DemoSystem:
 
     def trainer_metrics(self) -> str:
         """The stream trainer's /metrics text (empty if it does not answer)."""
-        return _scrape(self.trainer_metrics_port)
+        return scrape(self.trainer_metrics_port)
 
     def lander_metrics(self) -> str:
         """The lander's /metrics text (empty if it does not answer)."""
-        return _scrape(self.lander_metrics_port)
+        return scrape(self.lander_metrics_port)
 
     def close(self) -> None:
         """Stop the daemons (SIGTERM, then by force) and the servers started here."""
@@ -219,10 +219,3 @@ class DemoSystem:
         for server in reversed(self._servers):
             server.stop()
 
-
-def _scrape(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            return r.read().decode()
-    except OSError:
-        return ""

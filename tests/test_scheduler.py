@@ -101,15 +101,9 @@ def test_a_failing_run_leaves_the_champion_and_exits_non_zero(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = load_settings(env)
-    day_ms = day_ms_of(world)
-    # Trained through the day before yesterday (real clock): yesterday is pending, and
-    # nothing of it has landed.
-    today = int(time.time() * 1000) // DAY_MS * DAY_MS
-    champion = released_champion(settings, world.dataset, day_ms)
-    Registry(settings.models_dir).set_aliases(champion=champion)
-    meta_path = settings.models_dir / champion / "meta.json"
-    meta_path.write_text(meta_path.read_text().replace(
-        f'"cutoff_ms": {day_ms}', f'"cutoff_ms": {today - DAY_MS}'))
+    # The oldest pending day is the one after the champion's data, and nothing of it has
+    # landed.
+    champion = released_champion(settings, world.dataset, day_ms_of(world))
     assert main(["schedule", "--run-now", "--dataset", "synthetic"]) == 1
     err = capsys.readouterr().err
     assert "recstream schedule: error: landed: " in err

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.launcher import free_port, stop_pid
+from common.telemetry import scrape
 from recstream.demo_report import counter
-from recstream.demo_system import _scrape
 
 
 class Daemon:
@@ -39,7 +39,7 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is None
 
     def metrics(self) -> str:
-        return _scrape(self.port)
+        return scrape(self.port)
 
     def counter(self, name: str) -> int:
         return counter(self.metrics(), name)

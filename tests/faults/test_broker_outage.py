@@ -17,6 +17,7 @@ from common.broker import EmbeddedBroker
 from common.events import DAY_MS, format_day
 from common.landed import landed_parts, read_landed_day
 from common.synthetic import SyntheticConfig, generate
+from recstream.demo_report import gauge
 
 OUTAGE_S = 30.0
 BATCH = 2000
@@ -50,7 +51,7 @@ def test_broker_unavailable_for_30s_then_everything_is_applied_and_landed_once(
             assert stream.alive() and land.alive(), "a daemon died while the broker was away"
             time.sleep(1.0)
         # The trainer says it has not published for the whole outage.
-        assert _gauge(stream.metrics(), "recstream_stream_seconds_since_last_publish") \
+        assert gauge(stream.metrics(), "recstream_stream_seconds_since_last_publish") \
             >= OUTAGE_S - 5
         os.kill(broker.pid, signal.SIGCONT)
         resumed = time.monotonic()
@@ -71,9 +72,3 @@ def test_broker_unavailable_for_30s_then_everything_is_applied_and_landed_once(
         broker.stop()
     assert fault.events_lost == 0
 
-
-def _gauge(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return float("nan")
