@@ -117,6 +117,13 @@ class IdVocab:
         distinct = Distinct.of(ids)
         return distinct.spread(self.lookup(distinct.values))
 
+    def copy(self) -> IdVocab:
+        """An independent copy (a checkpoint is written from one while learning goes on)."""
+        other = IdVocab(self.min_count)
+        other._rows, other._ids = self._rows.copy(), list(self._ids)
+        other._pending = self._pending.copy()
+        return other
+
     def save(self, path: Path) -> None:
         """Write as a numpy archive (no pickle); callers rename it into place."""
         pending_ids = list(self._pending)

@@ -56,25 +56,57 @@ class CheckpointMeta:
     created_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A copy of the learned state, taken between steps, that can be written while the
+    trainer learns on."""
+
+    meta: CheckpointMeta
+    time_index: dict[str, Any]
+    tables: dict[str, torch.Tensor]
+    user_vocab: IdVocab
+    item_vocab: IdVocab
+    freq: dict[str, np.ndarray]
+    item_counts: np.ndarray
+
+
+def snapshot(bundle: ModelBundle, meta: CheckpointMeta) -> Snapshot:
+    """Copy what a checkpoint of ``bundle`` holds (memory copies: milliseconds)."""
+    ids = {"user": bundle.model.user.ids, "item": bundle.model.item.ids}
+    return Snapshot(meta, meta.time_index.to_dict(),
+                    {f"{k}.{n}": getattr(t, n).clone() for k, t in ids.items()
+                     for n in ("weight", "accum")},
+                    bundle.user_vocab.copy(), bundle.item_vocab.copy(),
+                    {k: np.array(v, copy=True) for k, v in bundle.freq.state_dict().items()},
+                    np.array(bundle.item_counts, copy=True))
+
+
 def save_checkpoint(root: Path, bundle: ModelBundle, meta: CheckpointMeta, keep: int) -> Path:
-    """Write a checkpoint atomically; older ones beyond ``keep`` are removed."""
+    """Write a checkpoint of ``bundle`` atomically; older ones beyond ``keep`` go."""
+    return write_checkpoint(root, snapshot(bundle, meta), keep)
+
+
+def write_checkpoint(root: Path, snap: Snapshot, keep: int) -> Path:
+    """Write a snapshot as a checkpoint atomically; older ones beyond ``keep`` are removed.
+
+    Raises ``CheckpointError`` (and leaves the checkpoints before intact) when it cannot.
+    """
+    meta = snap.meta
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{uuid.uuid4().hex}"
     final = root / f"ckpt-{meta.step:012d}"
     try:
         staging.mkdir()
-        ids = {"user": bundle.model.user.ids, "item": bundle.model.item.ids}
         buf = io.BytesIO()
-        torch.save({f"{k}.{n}": getattr(t, n) for k, t in ids.items()
-                    for n in ("weight", "accum")}, buf)
+        torch.save(snap.tables, buf)
         write_bytes_atomic(staging / "tables.pt", buf.getvalue())
-        bundle.user_vocab.save(staging / "user_vocab.npz")
-        bundle.item_vocab.save(staging / "item_vocab.npz")
-        write_bytes_atomic(staging / "freq.npz", npz_bytes(item_counts=bundle.item_counts,
-                                                            **bundle.freq.state_dict()))
+        snap.user_vocab.save(staging / "user_vocab.npz")
+        snap.item_vocab.save(staging / "item_vocab.npz")
+        write_bytes_atomic(staging / "freq.npz", npz_bytes(item_counts=snap.item_counts,
+                                                            **snap.freq))
         state = {"base_version": meta.base_version, "step": meta.step,
                  "offsets": {str(p): o for p, o in meta.offsets.items()},
-                 "time_index": meta.time_index.to_dict(),
+                 "time_index": snap.time_index,
                  "events_applied": meta.events_applied, "created_at": time.time(),
                  "files": {f: sha256_file(staging / f) for f in _FILES}}
         write_text_atomic(staging / "state.json", json.dumps(state))

@@ -13,6 +13,7 @@ Invariants, enforced in ``_step``:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -33,7 +34,14 @@ from common.shutdown import StopFlag
 from common.training import TrainingDivergedError
 from publisher.base import Delta, Publisher, PublishError
 from stream.buffer import Buffer
-from stream.checkpoint import CheckpointMeta, load_checkpoint, restore_into, save_checkpoint
+from stream.checkpoint import (
+    CheckpointMeta,
+    Snapshot,
+    load_checkpoint,
+    restore_into,
+    snapshot,
+    write_checkpoint,
+)
 from stream.feed import Feed
 from stream.fetcher import Fetcher
 from stream.intake import Chunk, Intake
@@ -109,6 +117,10 @@ class TrainerConsumer:
                              settings.kafka.dlq_topic, settings.kafka.max_message_bytes,
                              self.metrics)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner")
+        # Checkpoint files are written here, one save at a time, while the loop goes on.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._writing: Future[None] | None = None
+        self._ckpt_lock = threading.RLock()  # the loop and the rebalance hooks both save
         self.feed = Feed(Fetcher(settings.kafka, bootstrap, self.topic,
                                  settings.kafka.max_message_bytes))
 
@@ -180,6 +192,7 @@ class TrainerConsumer:
             try:
                 if self.pending is not None:
                     wait([self.pending.future])  # never save while the learner writes
+                    self.checkpoint_written(block=True)
                 else:
                     self.checkpoint()
             finally:
@@ -187,6 +200,7 @@ class TrainerConsumer:
 
     def poll_once(self) -> None:
         """One poll and whatever steps, rebases and gauges are due."""
+        self.checkpoint_written(block=False)  # a failed save stops the trainer here
         self._receive()
         self._finish_step(block=False)
         if self.pending is not None and self.buffer.events >= self.s.stream.max_batch_events:
@@ -284,7 +298,7 @@ class TrainerConsumer:
         self._record(step.chunks, delta.offsets, out, time.perf_counter() - step.started)
         self.pending = None
         if self.step_no - self.last_checkpoint_step >= self.s.stream.checkpoint_every_steps:
-            self.checkpoint()
+            self.checkpoint(wait=False)  # written while the next step learns
 
     def _learn(self, events: Any, step_no: int) -> LearnOutput:
         out = self.learner.step(events, step_no)
@@ -360,19 +374,40 @@ class TrainerConsumer:
 
     # -- checkpoints, rebase, gauges, shutdown ------------------------------------------
 
-    def checkpoint(self, force: bool = False) -> None:
-        """Save the learned state with the offsets it includes (atomic), if it moved on."""
-        if not force and self.step_no == self.last_checkpoint_step:
-            return
-        if self.pending is not None:
-            raise RuntimeError("checkpoint while a step is in flight (a bug): refusing")
-        self.time_index.prune(int(self.s.stream.time_index_days * 86_400_000))
-        meta = CheckpointMeta(self.learner.version, self.step_no, dict(self.offsets),
-                              self.time_index, self.events_applied)
-        save_checkpoint(self.ckpt_dir, self.learner.bundle, meta,
-                        self.s.stream.checkpoints_kept)
-        self.last_checkpoint_step = self.step_no
+    def checkpoint(self, force: bool = False, wait: bool = True) -> None:
+        """Save the learned state with the offsets it includes (atomic), if it moved on.
+
+        The state is copied here, between steps; the checkpoint thread writes the files.
+        With ``wait`` this returns once they are durable; else a failed save is raised
+        by the next ``checkpoint`` or poll (``CheckpointError``: the last good checkpoint
+        stays, and a restart resumes from it).
+        """
+        with self._ckpt_lock:
+            if force or self.step_no != self.last_checkpoint_step:
+                if self.pending is not None:
+                    raise RuntimeError("checkpoint while a step is in flight (a bug): refusing")
+                self.time_index.prune(int(self.s.stream.time_index_days * 86_400_000))
+                snap = snapshot(self.learner.bundle, CheckpointMeta(
+                    self.learner.version, self.step_no, dict(self.offsets), self.time_index,
+                    self.events_applied))
+                self.checkpoint_written(block=True)  # one save in flight at most
+                self._writing = self._writer.submit(self._write_checkpoint, snap)
+                self.last_checkpoint_step = self.step_no
+            if wait:
+                self.checkpoint_written(block=True)
+
+    def _write_checkpoint(self, snap: Snapshot) -> None:
+        write_checkpoint(self.ckpt_dir, snap, self.s.stream.checkpoints_kept)
         self.metrics.last_checkpoint.set(time.time())
+
+    def checkpoint_written(self, block: bool) -> None:
+        """Raise the error of the save in flight if it failed; with ``block``, wait for it."""
+        with self._ckpt_lock:
+            writing = self._writing
+            if writing is None or (not block and not writing.done()):
+                return
+            self._writing = None
+            writing.result()
 
     def _maybe_rebase(self) -> None:
         version = None
@@ -430,4 +465,5 @@ class TrainerConsumer:
                     self.feed.close()
                 finally:
                     self._pool.shutdown(wait=True)
+                    self._writer.shutdown(wait=True)  # a save in flight completes
                     self._lock.close()

@@ -64,7 +64,7 @@ class TimeIndex:
 
     def to_dict(self) -> dict[str, Any]:
         return {"resolution_ms": self.resolution_ms,
-                "blocks": {str(p): b for p, b in self.blocks.items()},
+                "blocks": {str(p): [list(e) for e in b] for p, b in self.blocks.items()},
                 "pruned": sorted(self.pruned)}
 
     @classmethod

@@ -7,7 +7,17 @@ from pathlib import Path
 
 from factories import make_bundle
 
-from stream.checkpoint import CheckpointMeta, load_checkpoint, restore_into, save_checkpoint
+import numpy as np
+
+from stream.checkpoint import (
+    CheckpointMeta,
+    load_checkpoint,
+    restore_into,
+    save_checkpoint,
+    snapshot,
+    write_checkpoint,
+)
+from stream.time_index import TimeIndex
 
 
 def test_round_trip_restores_rows_vocab_and_offsets(tmp_path: Path) -> None:
@@ -43,3 +53,31 @@ def test_a_crash_while_replacing_a_step_keeps_that_step(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, bundle, CheckpointMeta("v1", 5, {0: 12}), keep=1)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".lock")) \
         == ["ckpt-000000000005"]
+
+
+def test_a_snapshot_is_written_as_it_was_taken_while_learning_goes_on(tmp_path: Path) -> None:
+    """The trainer copies its state between steps and writes it while the next step
+    changes rows, grows the vocabularies and moves the frequency estimate on."""
+    bundle = make_bundle()
+    index = TimeIndex()
+    index.add(0, 10, 1_700_000_000_000)
+    snap = snapshot(bundle, CheckpointMeta("v1", 7, {0: 11}, index, 42))
+    weight = bundle.model.user.ids.weight.clone()
+    ids, counts = list(bundle.user_vocab.ids), bundle.item_counts.copy()
+    freq_step = bundle.freq.step
+    bundle.model.user.ids.weight.add_(1.0)  # the next step, meanwhile
+    bundle.model.user.ids.accum.add_(1.0)
+    bundle.user_vocab.observe(["a-new-user"] * 5)
+    bundle.item_counts[1:] += 3
+    bundle.freq.update(np.arange(5, dtype=np.uint64))
+    index.add(0, 20, 1_700_000_100_000)
+    write_checkpoint(tmp_path, snap, keep=2)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None
+    meta, payload = loaded
+    assert (meta.step, meta.offsets, meta.events_applied) == (7, {0: 11}, 42)
+    assert meta.time_index.to_dict() != index.to_dict()  # the later entry is not in it
+    assert payload["tables"]["user.weight"].equal(weight)
+    assert payload["user_vocab"].ids == ids and "a-new-user" not in payload["user_vocab"]
+    assert np.array_equal(payload["item_counts"], counts)
+    assert payload["freq"].step == freq_step != bundle.freq.step
