@@ -23,7 +23,7 @@ import json
 import math
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,13 +34,15 @@ from common.freq import stable_hash
 from common.redis_client import RedisClient
 from common.settings import RedisSettings
 from publisher.base import PublishError
-from publisher.resp import Commands, arg, execute
+from publisher.resp import Commands, arg, args, execute
 
 WRITING, COMPLETE = "writing", "complete"
 _TRIM_EVERY = 8
 _HSET, _ZADD, _GT, _ZREMRANGEBYRANK = map(arg, (b"HSET", b"ZADD", b"GT", b"ZREMRANGEBYRANK"))
 _BUCKETS_REMEMBERED = 2_000_000  # users whose bucket is kept (~200 MB at most)
 _MEMBERS_REMEMBERED = 1_000_000  # seen items' encoded ids kept (~100 MB at most)
+_TRIM = b"*4\r\n" + _ZREMRANGEBYRANK  # a trim's header and name; its key and range follow
+_TABLE_MAX = 1024  # values formatted through a table below this, else each distinct one
 
 
 class VersionStateError(RuntimeError):
@@ -206,26 +208,31 @@ class UserStore:
 
     def _hset_batches(self, meta: VersionMeta, ids: list[str], vectors: np.ndarray,
                       feats: np.ndarray | None) -> Iterator[Commands]:
+        """One HSET per bucket (and one more of features), rows in the order given;
+        sent once the commands hold ``pipeline_fields`` users or more."""
         buckets = self._buckets_of(ids, meta.buckets)
         order = np.argsort(buckets, kind="stable")
         bucket_of = buckets[order]
         starts = np.flatnonzero(np.r_[True, bucket_of[1:] != bucket_of[:-1]])
-        ends = np.r_[starts[1:], len(order)]
-        names = [arg(u.encode()) for u in ids]
-        emb = _values(vectors)
-        feat = _values(feats) if feats is not None and feats.shape[1] else None
-        commands, fields = Commands(), 0
-        for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
-            b, rows = int(bucket_of[lo]), order[lo:hi].tolist()
-            _hset(commands, self.keys.emb(meta.version, b), names, emb, rows)
-            if feat is not None:
-                _hset(commands, self.keys.feat(meta.version, b), names, feat, rows)
-            fields += hi - lo
-            if fields >= self.rs.pipeline_fields:
-                yield commands
-                commands, fields = Commands(), 0
-        if commands:
-            yield commands
+        rows = np.diff(np.r_[starts, len(order)])
+        # A field is two pieces, its head and the user, and its value's piece opens
+        # with the field's CRLF: no formatting per user.
+        names = list(map(str.encode, ids))
+        sizes = np.fromiter(map(len, names), np.int64, len(names))
+        fields = (_formatted(sizes, lambda n: b"$%d\r\n" % n)[order], _objects(names)[order])
+        hashes = [(self.keys.emb, _values(vectors, b"\r\n")[order])]
+        if feats is not None and feats.shape[1]:
+            hashes.append((self.keys.feat, _values(feats, b"\r\n")[order]))
+        slots = len(hashes) * (1 + 3 * rows)
+        pieces = np.empty(int(slots.sum()), object)
+        first = np.cumsum(slots) - slots
+        for h, (key_of, values) in enumerate(hashes):
+            heads = [b"*%d\r\n%b%b" % (2 + 2 * n, _HSET, arg(key_of(meta.version, b).encode()))
+                     for b, n in zip(bucket_of[starts].tolist(), rows.tolist(), strict=True)]
+            _place(pieces, first + h * (1 + 3 * rows), [_objects(heads)], _ranked(rows),
+                   *fields, values)
+        layout = _Layout(slots, np.full(len(rows), len(hashes)), len(hashes) * (2 + 2 * rows))
+        yield from _batches(pieces, layout, rows, self.rs.pipeline_fields)
 
     def _buckets_of(self, ids: list[str], buckets: int) -> np.ndarray:
         """``buckets_of``, remembered: the stream writes the same users step after step,
@@ -234,10 +241,12 @@ class UserStore:
         if count != buckets or len(known) > _BUCKETS_REMEMBERED:
             known = {}
             self._buckets = (buckets, known)
-        new = [u for u in ids if u not in known]
-        if new:
+        try:
+            return np.fromiter(map(known.__getitem__, ids), np.int64, len(ids))
+        except KeyError:
+            new = [u for u in ids if u not in known]
             known.update(zip(new, buckets_of(new, buckets).tolist(), strict=True))
-        return np.fromiter(map(known.__getitem__, ids), np.int64, len(ids))
+            return np.fromiter(map(known.__getitem__, ids), np.int64, len(ids))
 
     def read(self, version: str, user_ids: Sequence[str],
              meta: VersionMeta | None = None) -> UserRows:
@@ -288,35 +297,60 @@ class UserStore:
         ``_TRIM_EVERY``: a set may exceed the cap by what a few deltas add.
 
         One ZADD GT per user with all its interactions: a member given twice keeps the
-        later time, as separate ZADDs would."""
+        later time, as separate ZADDs would. The commands are packed with numpy, a few
+        C-level passes over the events and the users rather than Python per event."""
         if self.rs.seen_max == 0 or not len(user_ids):
             return
+        if not len(user_ids) == len(item_ids) == len(ts_ms):
+            raise ValueError("user_ids, item_ids and ts_ms differ in length")
+        users = _Groups.of(user_ids)
+        members = _objects(self._members_of(item_ids))[users.order]
+        scores = _objects(_scores(ts_ms))[users.order]
+        self._seen_calls += 1
+        for commands in self._zadd_batches(users, scores, members):
+            self._execute(commands)
+
+    def _members_of(self, item_ids: Sequence[str]) -> list[bytes]:
+        """Each item's RESP argument, remembered (the catalogue recurs step after step)."""
         if len(self._members) > _MEMBERS_REMEMBERED:
             self._members = {}
-        member, per_user = self._members, {}
-        for u, i, t in zip(user_ids, item_ids, ts_ms, strict=True):
-            m = member.get(i)
-            if m is None:
-                m = member[i] = arg(i.encode())
-            pair = _score_member(t, m)
-            pairs = per_user.get(u)
-            if pairs is None:
-                per_user[u] = [pair]
-            else:
-                pairs.append(pair)
-        self._seen_calls += 1
-        turn, cap = self._seen_calls % _TRIM_EVERY, self.rs.seen_max
-        trim = arg(b"0") + arg(b"%d" % (-cap - 1))
-        commands = Commands()
-        for u, pairs in per_user.items():
-            key = arg(self.keys.seen(u).encode())
-            commands.add_encoded(3 + 2 * len(pairs), b"".join([_ZADD, key, _GT, *pairs]))
-            if len(pairs) >= cap or zlib.crc32(u.encode()) % _TRIM_EVERY == turn:
-                commands.add_encoded(4, _ZREMRANGEBYRANK + key + trim)
-            if commands.args >= 2 * self.rs.pipeline_fields:
-                self._execute(commands)
-                commands = Commands()
-        self._execute(commands)
+        known = self._members
+        try:
+            return list(map(known.__getitem__, item_ids))
+        except KeyError:
+            new = [i for i in dict.fromkeys(item_ids) if i not in known]
+            known.update(zip(new, args(list(map(str.encode, new))), strict=True))
+            return list(map(known.__getitem__, item_ids))
+
+    def _zadd_batches(self, users: _Groups, scores: np.ndarray,
+                      members: np.ndarray) -> Iterator[Commands]:
+        """Each user's ZADD GT of its (score, member) pairs, then its trim if due; sent
+        once the commands hold ``2 * pipeline_fields`` arguments or more."""
+        encoded = list(map(str.encode, users.keys))
+        cap, turn = self.rs.seen_max, self._seen_calls % _TRIM_EVERY
+        crc = np.fromiter(map(zlib.crc32, encoded), np.int64, len(encoded))
+        trim = (users.counts >= cap) | (crc % _TRIM_EVERY == turn)
+        # A command opens with a piece formatted once per (argument count, key size): its
+        # header, its name and its key up to the user; the user and the rest follow.
+        before, _, after = self.keys.seen("\0").encode().rpartition(b"\0")
+        key_size = np.fromiter(map(len, encoded), np.int64, len(encoded)) + len(before + after)
+        zadd_args, wide = 3 + 2 * users.counts, int(key_size.max()) + 1
+        opens = _formatted(zadd_args * wide + key_size, lambda c: b"*%d\r\n%b$%d\r\n%b" % (
+            c // wide, _ZADD, c % wide, before))
+        names = _objects(encoded)
+        slots = 3 + 2 * users.counts + 3 * trim
+        pieces = np.empty(int(slots.sum()), object)
+        ends = np.cumsum(slots)
+        _place(pieces, ends - slots, [opens, names, after + b"\r\n" + _GT],
+               _ranked(users.counts), scores, members)
+        trimmed = ends[trim]
+        pieces[trimmed - 3] = _formatted(key_size[trim], lambda n: b"%b$%d\r\n%b" % (
+            _TRIM, n, before))
+        pieces[trimmed - 2] = names[trim]
+        pieces[trimmed - 1] = after + b"\r\n" + arg(b"0") + arg(b"%d" % (-cap - 1))
+        n_args = zadd_args + 4 * trim
+        layout = _Layout(slots, 1 + trim.astype(np.int64), n_args)
+        yield from _batches(pieces, layout, n_args, 2 * self.rs.pipeline_fields)
 
     def seen(self, user_id: str) -> list[str]:
         return [m.decode() for m in self._call(self.r.zrange, self.keys.seen(user_id), 0, -1)]
@@ -394,32 +428,118 @@ class UserStore:
             raise PublishError(f"redis: {exc}") from exc
 
 
-def _score_member(ts_ms: int, member: bytes) -> bytes:
-    """A ZADD score (an event time) and its ``arg``-encoded member, as RESP."""
-    if 10**11 <= ts_ms < 10**13:  # every time in the event contract: one format, not two
-        return (b"$13\r\n%d\r\n%b" if ts_ms >= 10**12 else b"$12\r\n%d\r\n%b") % (ts_ms,
-                                                                                   member)
-    score = b"%d" % ts_ms
-    return b"$%d\r\n%b\r\n%b" % (len(score), score, member)
+@dataclass(frozen=True)
+class _Groups:
+    """Events grouped by key: the keys in order of first appearance, the event indices
+    grouped (in their order within a group) and each group's size."""
+
+    keys: list[str]
+    order: np.ndarray  # int [events]
+    counts: np.ndarray  # int64 [groups]
+
+    @classmethod
+    def of(cls, keys: Sequence[str]) -> _Groups:
+        """Group by ``keys``: one dict pass and a stable sort, no Python per event."""
+        n = len(keys)
+        first = dict(zip(reversed(keys), range(n - 1, -1, -1), strict=True))  # earliest wins
+        label = np.fromiter(map(first.__getitem__, keys), np.int64, n)
+        order = np.argsort(label, kind="stable")
+        grouped = label[order]
+        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+        return cls(list(map(keys.__getitem__, grouped[starts].tolist())), order,
+                   np.diff(np.r_[starts, n]))
 
 
-def _values(values: np.ndarray) -> list[bytes]:
-    """Each row's bytes as a RESP argument."""
+@dataclass(frozen=True)
+class _Layout:
+    """Commands laid out in ``pieces`` group after group (a group: a user, a bucket)."""
+
+    slots: np.ndarray  # pieces of each group
+    commands: np.ndarray  # commands of each group
+    args: np.ndarray  # arguments of each group's commands
+
+
+def _batches(pieces: np.ndarray, layout: _Layout, weight: np.ndarray,
+             limit: int) -> Iterator[Commands]:
+    """Whole groups' commands, sent once their ``weight`` reaches ``limit``."""
+    ends, commands, n_args, total = (np.r_[0, np.cumsum(a)] for a in (
+        layout.slots, layout.commands, layout.args, weight))
+    lo, groups = 0, len(weight)
+    while lo < groups:
+        hi = min(int(np.searchsorted(total, total[lo] + limit)), groups)
+        batch = Commands()
+        batch.add_packed(int(commands[hi] - commands[lo]), int(n_args[hi] - n_args[lo]),
+                         b"".join(pieces[ends[lo]:ends[hi]].tolist()))
+        yield batch
+        lo = hi
+
+
+def _ranked(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For items grouped by ``counts``: each item's group and its rank in the group."""
+    group = np.repeat(np.arange(len(counts)), counts)
+    return group, np.arange(len(group)) - (np.cumsum(counts) - counts)[group]
+
+
+def _place(pieces: np.ndarray, first: np.ndarray, head: list[bytes | np.ndarray],
+           ranked: tuple[np.ndarray, np.ndarray], *per_item: np.ndarray) -> None:
+    """Each group's command from slot ``first[g]``: the pieces of ``head`` (each a
+    constant or a piece per group), then the pieces of each of its items (``per_item``:
+    a piece per item each)."""
+    for k, piece in enumerate(head):
+        pieces[first + k] = piece
+    group, rank = ranked
+    at = first[group] + len(head) + len(per_item) * rank
+    for k, piece in enumerate(per_item):
+        pieces[at + k] = piece
+
+
+def _formatted(values: np.ndarray, fmt: Callable[[int], bytes]) -> np.ndarray:
+    """``fmt`` of each (non-negative) value as objects, formatting each distinct value
+    once: through a table while the values are small, else through ``np.unique``."""
+    top = int(values.max(initial=0))
+    if top < _TABLE_MAX:
+        return _objects([fmt(n) for n in range(top + 1)])[values]
+    distinct, index = np.unique(values, return_inverse=True)
+    return _objects([fmt(n) for n in distinct.tolist()])[index]
+
+
+def _objects(values: list[bytes]) -> np.ndarray:
+    """``values`` as a numpy array of objects (for gathering and placing them)."""
+    return np.fromiter(values, object, len(values))
+
+
+def _scores(ts_ms: Sequence[int]) -> list[bytes]:
+    """Each event time as a ZADD score argument; the contract's 13-digit times formatted
+    in bulk."""
+    times = np.asarray(ts_ms)
+    if times.dtype.kind != "i" or times.shape != (len(ts_ms),):
+        return [_score(t) for t in ts_ms]
+    rows = np.empty((len(times), 20), np.uint8)
+    rows[:, :5] = np.frombuffer(b"$13\r\n", np.uint8)
+    rest = times
+    for place in range(17, 4, -1):  # last digit first
+        rest, rows[:, place] = np.divmod(rest, 10)
+    rows[:, 5:18] += ord("0")
+    rows[:, 18:] = np.frombuffer(b"\r\n", np.uint8)
+    scores = rows.view("S20").ravel().tolist()  # no trailing NULs to lose: rows end CRLF
+    for k in np.flatnonzero((times < 10**12) | (times >= 10**13)).tolist():
+        scores[k] = _score(ts_ms[k])
+    return scores
+
+
+def _score(ts_ms: int) -> bytes:
+    """One ZADD score (an event time) as a RESP argument."""
+    return arg(b"%d" % ts_ms)
+
+
+def _values(values: np.ndarray, lead: bytes = b"") -> np.ndarray:
+    """Each row's bytes as a RESP argument, after ``lead`` (objects)."""
     width = values.shape[1] * values.itemsize
     rows = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), width)
-    head = np.frombuffer(b"$%d\r\n" % rows.shape[1], np.uint8)
+    head = np.frombuffer(lead + b"$%d\r\n" % rows.shape[1], np.uint8)
     out = np.empty((len(rows), len(head) + rows.shape[1] + 2), np.uint8)
     out[:, :len(head)] = head
     out[:, len(head):-2] = rows
     out[:, -2:] = np.frombuffer(b"\r\n", np.uint8)
-    blob, step = out.tobytes(), out.shape[1]
-    return [blob[k:k + step] for k in range(0, len(blob), step)]
-
-
-def _hset(commands: Commands, key: str, names: list[bytes], values: list[bytes],
-          rows: list[int]) -> None:
-    """HSET of ``key`` with field ``names[r]`` = ``values[r]`` for each row ``r``."""
-    parts = [_HSET, arg(key.encode())]
-    for r in rows:
-        parts += (names[r], values[r])
-    commands.add_encoded(2 + 2 * len(rows), b"".join(parts))
+    # numpy drops an S item's trailing NULs; these end in CRLF, so none are lost.
+    return _objects(out.view(f"S{out.shape[1]}").ravel().tolist())

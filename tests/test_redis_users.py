@@ -100,6 +100,60 @@ def test_seen_keeps_the_latest_items_and_is_idempotent(redis_url: str, prefix: s
     assert sorted(store.seen("u")) == ["i2", "i3", "i4"]
 
 
+_T13, _T12 = 1_700_000_000_000, 999_999_999_000  # times of 13 and of 12 digits
+# crc32 % _TRIM_EVERY of the users: ua 2, u2 4 (trimmed on the 4th call), uc 6 (never here).
+_SEEN_CALL_1 = [("ua", "i1", 100), ("u2", "j1", _T13 + 10), ("ua", "i2", 200),
+                ("uc", "k1", _T12 + 1), ("ua", "i3", 400), ("ua", "i1", 150),
+                ("u2", "j2", _T13 + 20), ("ua", "i3", 50), ("ua", "i4", 120),
+                ("uc", "k2", _T12 + 2)]
+
+
+def _add_seen(store: UserStore, triples: list[tuple[str, str, int]]) -> None:
+    users, items, ts = (list(column) for column in zip(*triples, strict=True))
+    store.add_seen(users, items, ts)
+
+
+def _seen_state(store: UserStore, *users: str) -> dict[str, list[tuple[str, float]]]:
+    return {u: [(m.decode(), s) for m, s in
+                store.r.zrange(store.keys.seen(u), 0, -1, withscores=True)] for u in users}
+
+
+def test_seen_contents_exactly(redis_url: str, prefix: str) -> None:
+    """A member given twice in one call keeps its later time; a call bringing seen_max or
+    more trims at once, else a user is trimmed on its turn (one call in 8); re-publishing
+    a delta changes nothing."""
+    s = _settings(redis_url, prefix, seen_max="3", pipeline_fields="3")
+    store = UserStore(connect(s), s.redis)
+    _add_seen(store, _SEEN_CALL_1)
+    _add_seen(store, [("u2", "j3", _T13 + 30), ("u2", "j1", _T13 + 5)])
+    _add_seen(store, [("u2", "j4", _T13 + 40), ("uc", "k3", _T12 + 3), ("uc", "k4", _T12 + 4)])
+    assert _seen_state(store, "u2")["u2"] == [("j1", _T13 + 10), ("j2", _T13 + 20),
+                                              ("j3", _T13 + 30), ("j4", _T13 + 40)]
+    for _ in range(2):  # the 4th call is u2's turn; the 5th re-publishes it
+        _add_seen(store, [("u2", "j5", _T13 + 50)])
+    assert _seen_state(store, "ua", "u2", "uc") == {
+        "ua": [("i1", 150), ("i2", 200), ("i3", 400)],
+        "u2": [("j3", _T13 + 30), ("j4", _T13 + 40), ("j5", _T13 + 50)],
+        "uc": [("k1", _T12 + 1), ("k2", _T12 + 2), ("k3", _T12 + 3), ("k4", _T12 + 4)]}
+
+
+def test_seen_commands_and_their_pipeline_chunks(redis_url: str, prefix: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """One ZADD GT per user in order of first appearance, its trim right after it, and a
+    send once the commands hold 2 * pipeline_fields arguments or more."""
+    s = _settings(redis_url, prefix, seen_max="3", pipeline_fields="4")
+    store = UserStore(connect(s), s.redis)
+    sent: list[list[list[bytes]]] = []
+    monkeypatch.setattr(store, "_execute", lambda c: sent.append(list(c.each())) if c else None)
+    _add_seen(store, _SEEN_CALL_1)
+    key = {u: store.keys.seen(u).encode() for u in ("ua", "u2", "uc")}
+    assert sent == [
+        [[b"ZADD", key["ua"], b"GT", b"100", b"i1", b"200", b"i2", b"400", b"i3", b"150",
+          b"i1", b"50", b"i3", b"120", b"i4"], [b"ZREMRANGEBYRANK", key["ua"], b"0", b"-4"]],
+        [[b"ZADD", key["u2"], b"GT", b"%d" % (_T13 + 10), b"j1", b"%d" % (_T13 + 20), b"j2"],
+         [b"ZADD", key["uc"], b"GT", b"%d" % (_T12 + 1), b"k1", b"%d" % (_T12 + 2), b"k2"]]]
+
+
 def test_wrong_width_is_refused(store: UserStore) -> None:
     store.begin("v000001", 1, 4, 0, 0)
     with pytest.raises(PublishError, match="width"):

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.settings import load_settings
+from publisher import resp
 from publisher.base import PublishError
 from publisher.redis_users import Layout, UserStore, buckets_of
 from publisher.resp import Commands, execute
@@ -28,6 +29,11 @@ def test_packed_bytes_are_what_redis_py_sends(commands: list[list[bytes]]) -> No
     expected = b"".join(bytes(c) for c in redis.Connection().pack_commands(commands))
     assert cmds.packed() == expected
     assert list(cmds.each()) == commands  # what a cluster client gets, command by command
+
+
+@given(st.lists(_arg, max_size=20))
+def test_args_is_arg_of_each(values: list[bytes]) -> None:
+    assert resp.args(values) == [resp.arg(v) for v in values]
 
 
 def _store(redis_url: str, prefix: str, **env: str) -> UserStore:
@@ -87,6 +93,21 @@ def test_an_error_reply_is_raised_after_the_other_commands_ran(redis_url: str,
         execute(r, cmds)
     assert r.zscore(f"{prefix}:a", "m") == 1 and r.zscore(f"{prefix}:b", "m") == 2
     assert r.ping()  # the client's pool is still good
+
+
+def test_the_first_of_several_error_replies_is_raised(redis_url: str, prefix: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    r.set(f"{prefix}:str", "x")
+    cmds = Commands()
+    for k in range(5000):
+        cmds.add(b"ZADD", f"{prefix}:z".encode(), b"%d" % k, b"m%d" % k)
+    cmds.add(b"ZADD", f"{prefix}:str".encode(), b"1", b"m")  # WRONGTYPE
+    cmds.add(b"ZADD", f"{prefix}:z".encode(), b"XX", b"NX", b"1", b"m")  # a syntax error
+    cmds.add(b"ZADD", f"{prefix}:b".encode(), b"2", b"m")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        execute(r, cmds)
+    assert r.zcard(f"{prefix}:z") == 5000 and r.zscore(f"{prefix}:b", "m") == 2
+    assert r.ping()
 
 
 def test_seen_write_to_a_key_of_another_type_is_a_publish_error(redis_url: str,
