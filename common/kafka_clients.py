@@ -59,6 +59,7 @@ def make_consumer(ks: KafkaSettings, bootstrap: str, group_id: str | None,
                heartbeat_interval_ms=ks.heartbeat_interval_ms,
                max_poll_interval_ms=ks.max_poll_interval_ms,
                max_poll_records=ks.max_poll_records,
+               fetch_max_wait_ms=ks.fetch_max_wait_ms,
                fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024)
     cfg.update(overrides)
     return KafkaConsumer(**cfg)

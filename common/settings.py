@@ -108,6 +108,9 @@ class KafkaSettings(_Group):
     heartbeat_interval_ms: int = Field(1000, ge=100)
     max_poll_interval_ms: int = Field(30000, ge=1000)
     max_poll_records: int = Field(5000, ge=1)
+    fetch_max_wait_ms: int = Field(50, ge=1, le=10_000, description="how long a fetch "
+                                   "may wait for records: the embedded broker answers an "
+                                   "empty fetch only after this, so it bounds freshness")
     partitions: int = Field(4, ge=1, description="partitions of the topic when recstream "
                             "creates it (an existing topic is left as it is)")
 
