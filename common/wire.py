@@ -4,8 +4,10 @@ Fields: ``event_id``, ``user_id``, ``item_id`` (non-empty strings), ``event_type
 (one of ``EVENT_TYPES``), ``value`` (a finite number within float32's range, or null;
 required for ratings),
 ``ts_ms`` (integer milliseconds since the epoch, UTC) and an optional ``context``
-object of short string/number/bool values. Anything else is rejected with a reason;
-the stream sends rejects to the dead-letter topic with that reason in a header.
+object of short string/number/bool values. Anything else is rejected with a reason
+(for a person) and its kind (one of ``REJECT_KINDS``: ``bad_json``, ``missing_field``,
+...; bounded, for metrics labels); the stream sends rejects to the dead-letter topic
+with both in headers and counts them by kind.
 
 >>> raw = encode_event({"event_id": "e1", "user_id": "u1", "item_id": "i1",
 ...                     "event_type": "click", "ts_ms": 1_700_000_000_000})
@@ -14,14 +16,15 @@ the stream sends rejects to the dead-letter topic with that reason in a header.
 >>> try:
 ...     decode_event(b'{"event_id": "e1"}')
 ... except InvalidEventError as exc:
-...     print(exc.reason)
-missing field: user_id
+...     print(exc.reason, exc.kind, sep=" / ")
+missing field: user_id / missing_field
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, NamedTuple
@@ -48,11 +51,97 @@ DEFAULT_MAX_BYTES = 64 * 1024
 
 
 class InvalidEventError(ValueError):
-    """A record that breaks the contract; ``reason`` is short and machine-groupable."""
+    """A record that breaks the contract: ``reason`` says what, for a person (it may quote
+    the record); ``kind`` is one of ``REJECT_KINDS``, for metrics labels. Without a kind,
+    the reason's is used (``reason_kind``)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, kind: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = reason_kind(reason) if kind is None else kind
+
+
+# -- reject kinds: a short, stable label per reason (the rejected counter's ``reason``
+# label, the dead letter's ``reason.kind`` header). A reject is labelled from its reason's
+# text (``reason_kind``): decode_batch hands out reasons only. So a new reason needs its
+# pattern here, and tests/test_reject_kinds.py checks every reason the decoder gives
+# against it.
+
+REJECT_KINDS: dict[str, str] = {
+    "empty_record": "a null record value (a tombstone)",
+    "too_large": "a record over the byte limit",
+    "bad_json": "not JSON: bad syntax or UTF-8, NaN/Infinity, a number beyond a double",
+    "not_object": "JSON, but not an object",
+    "unknown_field": "a field the contract does not have",
+    "missing_field": "a required field left out (event_id, user_id, item_id, event_type, "
+                     "ts_ms)",
+    "bad_id": "event_id, user_id or item_id not a string of 1..256 characters",
+    "unknown_event_type": "event_type not click, rating or impression (or not a string)",
+    "bad_timestamp": "ts_ms not an integer, or outside 1990..2100",
+    "bad_value": "value not a finite number within float32's range, or a rating without one",
+    "bad_context": "context not an object of at most 32 short string/number/bool/null values",
+    "internal": "the decoder itself failed on the record (a bug)",
+    "unknown": "a reason that no pattern below matches (a bug: every reason has a kind)",
+}
+UNKNOWN_KIND = "unknown"
+
+# (pattern matched at the start of a reason, kind), first match wins.
+_REASON_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern, re.DOTALL), kind) for pattern, kind in (
+        (r"empty record \(null value\)\Z", "empty_record"),
+        (r"record of \d+ bytes exceeds the \d+-byte limit\Z", "too_large"),
+        # stream.replayer, before it sends: "event 'e1' encodes to N bytes, over ..."
+        (r"event .* encodes to \d+ bytes, over RECSTREAM_KAFKA_MAX_MESSAGE_BYTES=\d+\Z",
+         "too_large"),
+        (r"not JSON: ", "bad_json"),
+        (r"event must be a JSON object, got \w+\Z", "not_object"),
+        (r"unknown field: ", "unknown_field"),
+        (r"missing field: ", "missing_field"),
+        (r"(?:event_id|user_id|item_id) must (?:be a string|have 1\.\.)", "bad_id"),
+        (r"unknown event_type: ", "unknown_event_type"),
+        (r"ts_ms (?:must be an integer, got |(?:-?\d+ )?is outside 1990\.\.2100)",
+         "bad_timestamp"),
+        (r"value must be a finite number or null\Z", "bad_value"),
+        (r"a rating needs a value\Z", "bad_value"),
+        (r"context(?: must be an object, got | has \d+ keys, at most |\.)", "bad_context"),
+        (r"internal: ", "internal"),
+    ))
+# check_events names the event first: "event 7 (event_id 'e7'): <reason>".
+_CHECK_PREFIX = re.compile(r"event \d+ \(event_id ")
+_QUOTED_ID = re.compile(r"""(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\): """)  # a str's repr
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a reject reason (a key of ``REJECT_KINDS``): a low-cardinality label,
+    without the ids, names or numbers the reason may quote.
+
+    >>> reason_kind("not JSON: unexpected character: line 1 column 1 (char 0)")
+    'bad_json'
+    >>> reason_kind("event 3 (event_id 'e3'): ts_ms is outside 1990..2100 (milliseconds "
+    ...             "expected)")
+    'bad_timestamp'
+    """
+    prefix = _CHECK_PREFIX.match(reason)
+    if prefix is None:
+        return _kind(reason)
+    quoted = _QUOTED_ID.match(reason, prefix.end())
+    if quoted is not None:
+        return _kind(reason[quoted.end():])
+    # An event_id that is not a str: its repr ends at the first "): " a known reason follows.
+    at = prefix.end()
+    while (at := reason.find("): ", at)) >= 0:
+        at += 3
+        kind = _kind(reason[at:])
+        if kind != UNKNOWN_KIND:
+            return kind
+    return UNKNOWN_KIND
+
+
+def _kind(reason: str) -> str:
+    for pattern, kind in _REASON_PATTERNS:
+        if pattern.match(reason):
+            return kind
+    return UNKNOWN_KIND
 
 
 class WireEvent(NamedTuple):
@@ -84,12 +173,13 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
 
 def _id(d: Mapping[str, Any], name: str) -> str:
     if name not in d:
-        raise InvalidEventError(f"missing field: {name}")
+        raise InvalidEventError(f"missing field: {name}", "missing_field")
     v = d[name]
     if not isinstance(v, str):
-        raise InvalidEventError(f"{name} must be a string, got {type(v).__name__}")
+        raise InvalidEventError(f"{name} must be a string, got {type(v).__name__}", "bad_id")
     if not v or len(v) > MAX_ID_CHARS:
-        raise InvalidEventError(f"{name} must have 1..{MAX_ID_CHARS} characters, got {len(v)}")
+        raise InvalidEventError(f"{name} must have 1..{MAX_ID_CHARS} characters, got {len(v)}",
+                                "bad_id")
     return v
 
 
@@ -97,29 +187,33 @@ def _context(v: Any) -> Mapping[str, Any] | None:
     if v is None:
         return None
     if not isinstance(v, dict):
-        raise InvalidEventError(f"context must be an object, got {type(v).__name__}")
+        raise InvalidEventError(f"context must be an object, got {type(v).__name__}",
+                                "bad_context")
     if len(v) > MAX_CONTEXT_KEYS:
-        raise InvalidEventError(f"context has {len(v)} keys, at most {MAX_CONTEXT_KEYS}")
+        raise InvalidEventError(f"context has {len(v)} keys, at most {MAX_CONTEXT_KEYS}",
+                                "bad_context")
     for k, x in v.items():
         if isinstance(x, str):
             if len(x) > MAX_CONTEXT_VALUE_CHARS:
                 raise InvalidEventError(f"context.{k[:40]} is longer than "
-                                        f"{MAX_CONTEXT_VALUE_CHARS} characters")
+                                        f"{MAX_CONTEXT_VALUE_CHARS} characters", "bad_context")
         elif x is not None and not isinstance(x, bool | int | float):
-            raise InvalidEventError(f"context.{k[:40]} must be a string, number, bool or null")
+            raise InvalidEventError(f"context.{k[:40]} must be a string, number, bool or null",
+                                    "bad_context")
     return v
 
 
 def decode_event(raw: bytes | None, max_bytes: int | None = DEFAULT_MAX_BYTES) -> WireEvent:
     """Parse and validate one record value; raises ``InvalidEventError`` with the reason."""
     if raw is None:
-        raise InvalidEventError("empty record (null value)")
+        raise InvalidEventError("empty record (null value)", "empty_record")
     if max_bytes is not None and len(raw) > max_bytes:
-        raise InvalidEventError(f"record of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
+        raise InvalidEventError(f"record of {len(raw)} bytes exceeds the {max_bytes}-byte limit",
+                                "too_large")
     try:
         d = _loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidEventError(f"not JSON: {str(exc)[:80]}") from None
+        raise InvalidEventError(f"not JSON: {str(exc)[:80]}", "bad_json") from None
     # The common case checked in one expression; anything unusual takes the slow path,
     # which finds the precise reason (or accepts, e.g. an event with a context).
     if type(d) is dict and d.keys() <= _PLAIN:
@@ -137,28 +231,35 @@ def decode_event(raw: bytes | None, max_bytes: int | None = DEFAULT_MAX_BYTES) -
 
 def _validate(d: Any) -> WireEvent:
     if not isinstance(d, dict):
-        raise InvalidEventError(f"event must be a JSON object, got {type(d).__name__}")
+        raise InvalidEventError(f"event must be a JSON object, got {type(d).__name__}",
+                                "not_object")
     unknown = d.keys() - _KNOWN
     if unknown:
-        raise InvalidEventError(f"unknown field: {sorted(unknown)[0][:40]}")
+        raise InvalidEventError(f"unknown field: {sorted(unknown)[0][:40]}", "unknown_field")
     event_id, user_id, item_id = _id(d, "event_id"), _id(d, "user_id"), _id(d, "item_id")
     event_type = d.get("event_type")
     if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
+        if "event_type" not in d:
+            raise InvalidEventError("missing field: event_type", "missing_field")
         shown = event_type[:40] if isinstance(event_type, str) else type(event_type).__name__
-        raise InvalidEventError(f"unknown event_type: {shown}")
+        raise InvalidEventError(f"unknown event_type: {shown}", "unknown_event_type")
     ts = d.get("ts_ms")
     if isinstance(ts, bool) or not isinstance(ts, int):
-        raise InvalidEventError(f"ts_ms must be an integer, got {type(ts).__name__}")
+        if "ts_ms" not in d:
+            raise InvalidEventError("missing field: ts_ms", "missing_field")
+        raise InvalidEventError(f"ts_ms must be an integer, got {type(ts).__name__}",
+                                "bad_timestamp")
     if not MIN_TS_MS <= ts < MAX_TS_MS:
-        raise InvalidEventError(f"ts_ms {ts} is outside 1990..2100 (milliseconds expected)")
+        raise InvalidEventError(f"ts_ms {ts} is outside 1990..2100 (milliseconds expected)",
+                                "bad_timestamp")
     value = d.get("value")
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, int | float) \
                 or not -MAX_VALUE <= value <= MAX_VALUE:
-            raise InvalidEventError("value must be a finite number or null")
+            raise InvalidEventError("value must be a finite number or null", "bad_value")
         value = float(value)
     elif event_type == RATING:
-        raise InvalidEventError("a rating needs a value")
+        raise InvalidEventError("a rating needs a value", "bad_value")
     return WireEvent(event_id, user_id, item_id, event_type, value, ts,
                      _context(d.get("context")))
 
@@ -214,7 +315,7 @@ def _decode_each(raws: Sequence[bytes | None], max_bytes: int | None) -> Decoded
         except InvalidEventError as exc:
             rejects.append((n, exc.reason))
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop a consumer
-            rejects.append((n, f"internal: decoder raised {type(exc).__name__}"))
+            rejects.append((n, f"internal: decoder raised {type(exc).__name__}"))  # internal
     valid = np.ones(len(raws), bool)
     valid[[n for n, _ in rejects]] = False
     return DecodedBatch(to_events(events), valid, rejects)
@@ -287,20 +388,22 @@ def check_events(events: Events) -> None:
         row = _first_bad(getattr(events, name).tolist(), _valid_id)
         if row is not None:
             raise _invalid(events, row, f"{name} must be a string of 1..{MAX_ID_CHARS} "
-                                        f"characters")
+                                        f"characters", "bad_id")
     row = _first_bad(events.event_type.tolist(), lambda t: t in EVENT_TYPES)
     if row is not None:
-        raise _invalid(events, row, f"unknown event_type: {str(events.event_type[row])[:40]}")
+        raise _invalid(events, row, f"unknown event_type: {str(events.event_type[row])[:40]}",
+                       "unknown_event_type")
     checks = (
         ((events.ts_ms < MIN_TS_MS) | (events.ts_ms >= MAX_TS_MS),
-         "ts_ms is outside 1990..2100 (milliseconds expected)"),
-        (np.isinf(events.value), "value must be a finite number or null"),
-        ((events.event_type == RATING) & np.isnan(events.value), "a rating needs a value"),
+         "ts_ms is outside 1990..2100 (milliseconds expected)", "bad_timestamp"),
+        (np.isinf(events.value), "value must be a finite number or null", "bad_value"),
+        ((events.event_type == RATING) & np.isnan(events.value), "a rating needs a value",
+         "bad_value"),
     )
-    for bad, reason in checks:
+    for bad, reason, kind in checks:
         rows = np.flatnonzero(bad)
         if len(rows):
-            raise _invalid(events, int(rows[0]), reason)
+            raise _invalid(events, int(rows[0]), reason, kind)
 
 
 def _valid_id(v: object) -> bool:
@@ -317,8 +420,8 @@ def _first_bad(values: list[Any], ok: Callable[[Any], bool]) -> int | None:
     return next(i for i, v in enumerate(values) if not ok(v))
 
 
-def _invalid(events: Events, row: int, reason: str) -> InvalidEventError:
-    return InvalidEventError(f"event {row} (event_id {events.event_id[row]!r}): {reason}")
+def _invalid(events: Events, row: int, reason: str, kind: str) -> InvalidEventError:
+    return InvalidEventError(f"event {row} (event_id {events.event_id[row]!r}): {reason}", kind)
 
 
 def encode_values(events: Events) -> list[bytes]:

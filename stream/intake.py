@@ -1,8 +1,9 @@
 """Decoded records into the trainer's buffer; rejects go to the dead-letter topic.
 
-A dead letter keeps the original bytes and key, with headers naming the reason and
-where it came from, so it can be inspected and replayed. Dead letters are flushed
-before the offsets that cover them are committed (``flush``).
+A dead letter keeps the original bytes and key, with headers naming the reason, its
+kind (``common.wire.reason_kind``, also the rejected counter's label) and where it came
+from, so it can be inspected and replayed. Dead letters are flushed before the offsets
+that cover them are committed (``flush``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from kafka import KafkaProducer
 
 from common.events import Events
+from common.wire import reason_kind
 from stream.fetcher import Fetched, Reject
 from stream.metrics import TrainerMetrics
 
@@ -56,11 +58,6 @@ class DeadLetterError(RuntimeError):
     """The dead-letter topic did not take some rejected records."""
 
 
-def reason_kind(reason: str) -> str:
-    """A low-cardinality label for a reject reason (metrics must not explode)."""
-    return reason.split(":")[0].split(" ")[0][:40] if reason else "unknown"
-
-
 class Intake:
     """Takes in decoded records and dead-letters the bad ones."""
 
@@ -80,7 +77,9 @@ class Intake:
                      fetched.events)
 
     def _dead_letter(self, partition: int, offset: int, reject: Reject) -> None:
-        headers = [("reason", reject.reason.encode()), ("source.topic", self.topic.encode()),
+        kind = reason_kind(reject.reason)  # a bounded label: REJECT_KINDS
+        headers = [("reason", reject.reason.encode()), ("reason.kind", kind.encode()),
+                   ("source.topic", self.topic.encode()),
                    ("source.partition", str(partition).encode()),
                    ("source.offset", str(offset).encode())]
         value = reject.value
@@ -88,7 +87,7 @@ class Intake:
             value = value[: self.max_bytes]  # keep the head: the DLQ must accept the record
             headers.append(("truncated", b"true"))
         self._send((reject.key, value, headers))
-        self.metrics.rejected.labels(reason_kind(reject.reason)).inc()
+        self.metrics.rejected.labels(kind).inc()
         self.dead_letters += 1
 
     def _send(self, letter: Letter) -> None:

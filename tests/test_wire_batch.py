@@ -11,26 +11,35 @@ from hypothesis import strategies as st
 from test_wire import GOOD, TS, _raw
 
 from common.events import COLUMNS, Events
-from common.wire import InvalidEventError, WireEvent, decode_batch, decode_event, to_events
+from common.wire import (
+    InvalidEventError,
+    WireEvent,
+    decode_batch,
+    decode_event,
+    reason_kind,
+    to_events,
+)
 
 INVALID = [
-    (b"{oops", "not JSON"),
-    (b"[1, 2]", "event must be a JSON object"),
-    (_raw(user_id=7), "user_id must be a string"),
-    (_raw(item_id=""), "item_id must have 1..256 characters"),
-    (_raw(event_id="x" * 257), "event_id must have 1..256 characters"),
-    (_raw(user_id=...), "missing field: user_id"),
-    (_raw(event_type="purchase"), "unknown event_type: purchase"),
-    (_raw(event_type=["click"]), "unknown event_type: list"),
-    (_raw(ts_ms=True), "ts_ms must be an integer"),
-    (_raw(ts_ms=1.7e12), "ts_ms must be an integer"),
-    (_raw(ts_ms=2**64 - 1), "outside 1990..2100"),
-    (_raw(ts_ms=1_700_000_000), "outside 1990..2100"),
-    (_raw(event_type="rating"), "a rating needs a value"),
-    (_raw(value=True), "value must be a finite number or null"),
-    (_raw(extra=1), "unknown field: extra"),
-    (_raw(context=[1]), "context must be an object"),
-    (None, "empty record"),
+    (b"{oops", "not JSON", "bad_json"),
+    (b"[1, 2]", "event must be a JSON object", "not_object"),
+    (_raw(user_id=7), "user_id must be a string", "bad_id"),
+    (_raw(item_id=""), "item_id must have 1..256 characters", "bad_id"),
+    (_raw(event_id="x" * 257), "event_id must have 1..256 characters", "bad_id"),
+    (_raw(user_id=...), "missing field: user_id", "missing_field"),
+    (_raw(ts_ms=...), "missing field: ts_ms", "missing_field"),
+    (_raw(event_type="purchase"), "unknown event_type: purchase", "unknown_event_type"),
+    (_raw(event_type=["click"]), "unknown event_type: list", "unknown_event_type"),
+    (_raw(ts_ms=True), "ts_ms must be an integer", "bad_timestamp"),
+    (_raw(ts_ms=1.7e12), "ts_ms must be an integer", "bad_timestamp"),
+    (_raw(ts_ms=2**64 - 1), "outside 1990..2100", "bad_timestamp"),
+    (_raw(ts_ms=1_700_000_000), "outside 1990..2100", "bad_timestamp"),
+    (_raw(event_type="rating"), "a rating needs a value", "bad_value"),
+    (_raw(value=True), "value must be a finite number or null", "bad_value"),
+    (_raw(value=-1e39), "value must be a finite number or null", "bad_value"),
+    (_raw(extra=1), "unknown field: extra", "unknown_field"),
+    (_raw(context=[1]), "context must be an object", "bad_context"),
+    (None, "empty record", "empty_record"),
 ]
 
 
@@ -74,18 +83,21 @@ def test_a_batch_of_plain_events_decodes_to_columns() -> None:
     _assert_same(raws)
 
 
-@pytest.mark.parametrize("raw, reason", INVALID)
-def test_a_bad_record_in_a_batch_gets_the_same_reason(raw: bytes | None, reason: str) -> None:
+@pytest.mark.parametrize("raw, reason, kind", INVALID)
+def test_a_bad_record_in_a_batch_gets_the_same_reason(raw: bytes | None, reason: str,
+                                                      kind: str) -> None:
     raws = [_valid(0), raw, _valid(2)]
     batch = decode_batch(raws)
     assert [n for n, _ in batch.rejects] == [1] and reason in batch.rejects[0][1]
+    assert reason_kind(batch.rejects[0][1]) == kind  # the trainer's label for it
     assert batch.events.event_id.tolist() == ["e0", "e2"]
     _assert_same(raws)
 
 
 def test_oversized_records_in_a_batch_are_rejected() -> None:
     raws = [_valid(0), _valid(1, item_id="i" * 200)]
-    assert decode_batch(raws, max_bytes=150).rejects[0][0] == 1
+    [(n, reason)] = decode_batch(raws, max_bytes=150).rejects
+    assert n == 1 and reason_kind(reason) == "too_large"
     _assert_same(raws, max_bytes=150)
 
 
