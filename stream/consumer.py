@@ -52,6 +52,7 @@ from stream.rebase import RebaseError, replay_since, target_version
 from stream.time_index import TimeIndex
 
 log = logging.getLogger(__name__)
+_KEEPALIVE_EVERY_S = 0.1  # rebalances are seen at most this late
 
 
 class StepAbandonedError(RuntimeError):
@@ -109,6 +110,7 @@ class TrainerConsumer:
         self.last_checkpoint_step = self.step_no
         self._next_rebase_check = 0.0
         self._next_lag_update = 0.0
+        self._next_keepalive = 0.0
         self._skip_versions: set[str] = set()
         self.pending: PendingStep | None = None
         self.max_steps: int | None = None
@@ -225,7 +227,12 @@ class TrainerConsumer:
         # While joining, the group consumer's poll is where the time goes; once assigned,
         # the wait is for the fetch process.
         assigned = bool(self.consumer.assignment())
-        self.keepalive(timeout_ms=0 if assigned else self.s.stream.poll_timeout_ms)
+        now = time.monotonic()
+        if not assigned or now >= self._next_keepalive:
+            # kafka-python's poll costs ~3 ms even with nothing to return: a few per
+            # second keep the membership, on every loop they took a core's fifth.
+            self._next_keepalive = now + _KEEPALIVE_EVERY_S
+            self.keepalive(timeout_ms=0 if assigned else self.s.stream.poll_timeout_ms)
         # A step still learning will be published and committed: resume after it.
         self.feed.reassign(self.consumer, self.pending.offsets if self.pending is not None
                            else self.offsets)
