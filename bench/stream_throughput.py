@@ -221,12 +221,16 @@ def running(settings: Settings, dataset: Dataset) -> Iterator[TrainerThread]:
         t.thread.join(timeout=120)
 
 
-def trainer_backlog(settings: Settings, dataset: Dataset, n: int) -> dict[str, float]:
-    """The trainer consumer working through an ``n``-event backlog."""
+def trainer_backlog(settings: Settings, dataset: Dataset, n: int) -> dict[str, Any]:
+    """The trainer consumer working through an ``n``-event backlog, and the CPU each
+    process spent per event while it did."""
     with running(settings, dataset) as t:
         started = time.perf_counter()
         with tqdm(total=n, unit="ev", unit_scale=True, desc="trainer") as bar:
+            t.wait_for(lambda: t.first_record_at is not None, "the first records", bar)
+            cpu_before = process_cpu()
             t.wait_for(lambda: t.trainer.events_applied >= n, f"{n} events applied", bar)
+            cpu = {k: v - cpu_before.get(k, 0.0) for k, v in process_cpu().items()}
         done = time.perf_counter()
         steps, step_s = t.trainer.step_no, t.step_seconds()
     assert t.first_record_at is not None
@@ -235,7 +239,37 @@ def trainer_backlog(settings: Settings, dataset: Dataset, n: int) -> dict[str, f
             "events_per_s_incl_join": round(n / (done - started)),
             "join_s": round(t.first_record_at - started, 2), "steps": steps,
             "mean_step_s": round(step_s / max(steps, 1), 3),
-            "share_in_steps": round(step_s / seconds, 3)}
+            "share_in_steps": round(step_s / seconds, 3),
+            "cpu_us_per_event": {k: round(v / n * 1e6, 2) for k, v in sorted(cpu.items())},
+            "cores_busy": round(sum(cpu.values()) / seconds, 2)}
+
+
+def process_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of this process and of each process under it, by what
+    it is (Linux /proc; empty elsewhere): where a 2-core machine's time goes."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    procs: dict[int, tuple[str, int, float]] = {}  # pid -> (command, parent, cpu s)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        procs[int(stat.parent.name)] = (comm, int(fields[1]),
+                                        (int(fields[11]) + int(fields[12])) / tick)
+    me = os.getpid()
+    out: dict[str, float] = {}
+    for pid, (comm, _, cpu) in procs.items():
+        ancestor, depth = pid, 0
+        while ancestor in procs and ancestor != me and depth < 16:
+            ancestor, depth = procs[ancestor][1], depth + 1
+        if ancestor != me:
+            continue
+        name = ("trainer (learner and consumer threads)" if pid == me
+                else "fetch process" if comm.startswith("python") else comm)
+        out[name] = out.get(name, 0.0) + cpu
+    return out
 
 
 # -- phase B ------------------------------------------------------------------------------
@@ -399,6 +433,9 @@ def report(args: argparse.Namespace, s: Settings, figures: dict[str, Any],
              f"{f['join_s']} s join)"),
             ("  steps / mean step / in steps", f"{f['steps']} / {f['mean_step_s']} s / "
              f"{f['share_in_steps']:.0%}"),
+            ("  CPU µs per event", ", ".join(f"{k} {v}" for k, v in
+                                             f["cpu_us_per_event"].items()) +
+             f" ({f['cores_busy']} cores busy)"),
             (f"freshness at {f['achieved_rate']:,} ev/s", f"p50 {f['freshness_p50_s']} s, "
              f"p99 {f['freshness_p99_s']} s (to {_FRESH_TO[args.publisher]})")]
     for name, value in rows:
