@@ -317,7 +317,7 @@ def freshness(settings: Settings, dataset: Dataset, events: Events,
             proc.join(timeout=60)
             if proc.is_alive():
                 proc.terminate()
-        fresh = np.fromiter(t.trainer.freshness, np.float64)
+        fresh = t.trainer.freshness.values().astype(np.float64)
         steps = t.trainer.step_no
     return {"freshness_p50_s": round(float(np.percentile(fresh, 50)), 3),
             "freshness_p99_s": round(float(np.percentile(fresh, 99)), 3),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +46,7 @@ from stream.fetcher import Fetcher
 from stream.intake import Chunk, Intake
 from stream.learner import LearnOutput, StreamLearner, stream_train_settings
 from stream.lock import exclusive_lock
-from stream.metrics import TrainerMetrics
+from stream.metrics import Recent, TrainerMetrics
 from stream.rebase import RebaseError, replay_since, target_version
 from stream.time_index import TimeIndex
 
@@ -94,7 +93,7 @@ class TrainerConsumer:
         self.ckpt_dir = settings.checkpoints_dir / "trainer"
         self.topic = settings.kafka.topic
         self.buffer = Buffer()
-        self.freshness: deque[float] = deque(maxlen=1_000_000)
+        self.freshness = Recent(1_000_000)  # per event, for benchmarks
         self.step_no = self.events_applied = 0
         self.offsets: dict[int, int] = {}
         self.time_index = TimeIndex()
@@ -362,7 +361,7 @@ class TrainerConsumer:
                 seconds: float) -> None:
         now_ms = time.time() * 1000
         stamps = [c.record_ts_ms[c.valid] for c in chunks]
-        fresh = ((now_ms - np.concatenate(stamps)) / 1000 if stamps else np.zeros(0)).tolist()
+        fresh = (now_ms - np.concatenate(stamps)) / 1000 if stamps else np.zeros(0)
         self.freshness.extend(fresh)
         self.metrics.observe_freshness(fresh)
         first: dict[int, int] = {}

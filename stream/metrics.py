@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 FRESHNESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
@@ -59,9 +60,9 @@ class TrainerMetrics:
         self.version = Info("recstream_stream_model", "Model version the stream trains",
                             registry=r)
 
-    def observe_freshness(self, seconds: list[float]) -> None:
+    def observe_freshness(self, seconds: np.ndarray) -> None:
         """A step's freshness figures, evenly subsampled into the histogram."""
-        for x in seconds[:: max(1, len(seconds) // _FRESHNESS_SAMPLES)]:
+        for x in seconds[:: max(1, len(seconds) // _FRESHNESS_SAMPLES)].tolist():
             self.freshness.observe(x)
 
     def record_step(self, events: int, seconds: float, examples: int, users: int, items: int,
@@ -75,6 +76,37 @@ class TrainerMetrics:
         self.touched.labels("item").observe(items)
         if math.isfinite(loss):
             self.loss.set(loss)
+
+
+class Recent:
+    """The last ``capacity`` values of a series, oldest first, in a float32 ring (4 bytes
+    a value, not a deque's ~40 of a Python float): the trainer's per-event freshness.
+
+    >>> r = Recent(3)
+    >>> r.extend(np.array([1.0, 2.0])); r.extend(np.array([3.0, 4.0]))
+    >>> r.values().tolist(), len(r)
+    ([2.0, 3.0, 4.0], 3)
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._ring = np.zeros(capacity, np.float32)
+        self._written = 0
+
+    def __len__(self) -> int:
+        return min(self._written, len(self._ring))
+
+    def extend(self, values: np.ndarray) -> None:
+        cap = len(self._ring)
+        values = values[-cap:]
+        at = (self._written + np.arange(len(values))) % cap
+        self._ring[at] = values
+        self._written += len(values)
+
+    def values(self) -> np.ndarray:
+        if self._written <= len(self._ring):
+            return self._ring[:self._written].copy()
+        at = self._written % len(self._ring)
+        return np.concatenate([self._ring[at:], self._ring[:at]])
 
 
 def _since(gauge: Gauge) -> float:
