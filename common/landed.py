@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,21 @@ class LandedPart:
 def part_name(partition: int, first_offset: int, last_offset: int) -> str:
     """File name of a day's rows from one partition, offsets ``first..last`` inclusive."""
     return f"part-p{partition}-o{first_offset:012d}-{last_offset:012d}.parquet"
+
+
+def remove_stale_temps(events_dir: Path, older_than_s: float) -> int:
+    """Remove the temporary files of writes that died (a killed lander leaves one per
+    file it was writing) once they are ``older_than_s`` old: a live lander's write
+    takes seconds, and several landers may share the archive. Returns how many."""
+    removed, cutoff = 0, time.time() - older_than_s
+    for tmp in events_dir.glob("date=*/.part-*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue  # renamed or removed meanwhile
+    return removed
 
 
 def parse_part_name(name: str) -> tuple[int, int, int] | None:

@@ -38,6 +38,7 @@ from common.landed import (
     landed_watermark_ms,
     part_name,
     read_event_ids,
+    remove_stale_temps,
 )
 from common.settings import Settings
 from common.shutdown import StopFlag
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 # touched again (a late event) is re-read from its files.
 _CACHED_DAYS = 4
 _LAG_EVERY_S = 1.0
+_STALE_TEMP_S = 3600.0  # a temp file this old belongs to a write that died
 Row = tuple[WireEvent, int]  # an event and its Kafka offset
 
 
@@ -135,6 +137,9 @@ class Lander:
         self._rows = 0
         self._pending: dict[TopicPartition, int] = {}  # next offset to commit per partition
         self._index = LandedIndex(self.events_dir)
+        removed = remove_stale_temps(self.events_dir, _STALE_TEMP_S)
+        if removed:
+            log.info("removed temporary files of interrupted writes", extra={"files": removed})
         # The watermark survives restarts: a restarted lander reports what is on disk.
         self.stats.watermark_ms = landed_watermark_ms(self.events_dir) or 0
         self.metrics.watermark.set(self.stats.watermark_ms / 1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 import urllib.request
@@ -163,6 +164,24 @@ def test_reader_keeps_the_first_of_each_event_id_and_ignores_temp_files(tmp_path
     assert landed_watermark_ms(tmp_path) == e[2].ts_ms
     with pytest.raises(FileNotFoundError, match="no landed events"):
         read_landed_day(tmp_path, format_day(DAY0 + DAY_MS))
+
+
+def test_a_starting_lander_removes_temp_files_of_writes_that_died(make_settings) -> None:
+    """A lander killed mid-write leaves a dot-temp file; the next one removes it once it
+    is old enough to belong to no live write (another lander may be writing now)."""
+    settings = make_settings()
+    day = format_day(DAY0)
+    landed = write_part(settings.events_dir, day, 0,
+                        [(decode_event(encode_event(event(0))), 0)])
+    stale = day_dir(settings.events_dir, day) / ".part-p1-o000000000000-000000000009.parquet.a.tmp"
+    live = day_dir(settings.events_dir, day) / ".part-p2-o000000000000-000000000009.parquet.b.tmp"
+    for tmp in (stale, live):
+        tmp.write_bytes(b"half a parquet file")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    Lander(settings, settings.kafka.bootstrap).consumer.close(autocommit=False)
+    assert not stale.exists()
+    assert live.exists() and landed.exists()
 
 
 def test_events_spanning_days_land_once_in_their_date_partitions(make_settings) -> None:
