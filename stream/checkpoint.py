@@ -15,8 +15,11 @@ import logging
 import os
 import pickle
 import shutil
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,10 +95,10 @@ def write_checkpoint(root: Path, snap: Snapshot, keep: int) -> Path:
     Raises ``CheckpointError`` (and leaves the checkpoints before intact) when it cannot.
     """
     meta = snap.meta
-    root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{uuid.uuid4().hex}"
     final = root / f"ckpt-{meta.step:012d}"
     try:
+        root.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
         buf = io.BytesIO()
         torch.save(snap.tables, buf)
@@ -128,6 +131,42 @@ def write_checkpoint(root: Path, snap: Snapshot, keep: int) -> Path:
     for stale in [*root.glob(".staging-*"), *root.glob(".replaced-*")]:
         shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-save
     return final
+
+
+class CheckpointWriter:
+    """Writes snapshots on a thread of its own, one at a time, while the trainer learns.
+
+    A failed write is raised (``CheckpointError``) by the next ``submit`` or ``written``;
+    the checkpoints before it stay intact.
+    """
+
+    def __init__(self, root: Path, keep: int, on_written: Callable[[], None]) -> None:
+        self.root, self.keep, self.on_written = root, keep, on_written
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._writing: Future[None] | None = None
+        self._lock = threading.RLock()  # the trainer's loop and its rebalance hooks save
+
+    def submit(self, snap: Snapshot) -> None:
+        """Write ``snap`` once the save before it is through (one in flight at most)."""
+        with self._lock:
+            self.written(block=True)
+            self._writing = self._pool.submit(self._write, snap)
+
+    def _write(self, snap: Snapshot) -> None:
+        write_checkpoint(self.root, snap, self.keep)
+        self.on_written()
+
+    def written(self, block: bool) -> None:
+        """Raise the error of the save in flight if it failed; with ``block``, wait for it."""
+        with self._lock:
+            writing = self._writing
+            if writing is None or (not block and not writing.done()):
+                return
+            self._writing = None
+            writing.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)  # a save in flight completes
 
 
 def load_checkpoint(root: Path) -> tuple[CheckpointMeta, dict[str, Any]] | None:

@@ -13,7 +13,6 @@ Invariants, enforced in ``_step``:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -35,11 +34,10 @@ from publisher.base import Delta, Publisher, PublishError
 from stream.buffer import Buffer
 from stream.checkpoint import (
     CheckpointMeta,
-    Snapshot,
+    CheckpointWriter,
     load_checkpoint,
     restore_into,
     snapshot,
-    write_checkpoint,
 )
 from stream.feed import Feed
 from stream.fetcher import Fetcher
@@ -118,10 +116,8 @@ class TrainerConsumer:
                              settings.kafka.dlq_topic, settings.kafka.max_message_bytes,
                              self.metrics)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner")
-        # Checkpoint files are written here, one save at a time, while the loop goes on.
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._writing: Future[None] | None = None
-        self._ckpt_lock = threading.RLock()  # the loop and the rebalance hooks both save
+        self._writer = CheckpointWriter(self.ckpt_dir, settings.stream.checkpoints_kept,
+                                        lambda: self.metrics.last_checkpoint.set(time.time()))
         self.feed = Feed(Fetcher(settings.kafka, bootstrap, self.topic,
                                  settings.kafka.max_message_bytes))
 
@@ -193,7 +189,7 @@ class TrainerConsumer:
             try:
                 if self.pending is not None:
                     wait([self.pending.future])  # never save while the learner writes
-                    self.checkpoint_written(block=True)
+                    self._writer.written(block=True)
                 else:
                     self.checkpoint()
             finally:
@@ -201,7 +197,7 @@ class TrainerConsumer:
 
     def poll_once(self) -> None:
         """One poll and whatever steps, rebases and gauges are due."""
-        self.checkpoint_written(block=False)  # a failed save stops the trainer here
+        self._writer.written(block=False)  # a failed save stops the trainer here
         self._receive()
         self._finish_step(block=False)
         if self.pending is not None and self.buffer.events >= self.s.stream.max_batch_events:
@@ -388,32 +384,16 @@ class TrainerConsumer:
         by the next ``checkpoint`` or poll (``CheckpointError``: the last good checkpoint
         stays, and a restart resumes from it).
         """
-        with self._ckpt_lock:
-            if force or self.step_no != self.last_checkpoint_step:
-                if self.pending is not None:
-                    raise RuntimeError("checkpoint while a step is in flight (a bug): refusing")
-                self.time_index.prune(int(self.s.stream.time_index_days * 86_400_000))
-                snap = snapshot(self.learner.bundle, CheckpointMeta(
-                    self.learner.version, self.step_no, dict(self.offsets), self.time_index,
-                    self.events_applied))
-                self.checkpoint_written(block=True)  # one save in flight at most
-                self._writing = self._writer.submit(self._write_checkpoint, snap)
-                self.last_checkpoint_step = self.step_no
-            if wait:
-                self.checkpoint_written(block=True)
-
-    def _write_checkpoint(self, snap: Snapshot) -> None:
-        write_checkpoint(self.ckpt_dir, snap, self.s.stream.checkpoints_kept)
-        self.metrics.last_checkpoint.set(time.time())
-
-    def checkpoint_written(self, block: bool) -> None:
-        """Raise the error of the save in flight if it failed; with ``block``, wait for it."""
-        with self._ckpt_lock:
-            writing = self._writing
-            if writing is None or (not block and not writing.done()):
-                return
-            self._writing = None
-            writing.result()
+        if force or self.step_no != self.last_checkpoint_step:
+            if self.pending is not None:
+                raise RuntimeError("checkpoint while a step is in flight (a bug): refusing")
+            self.time_index.prune(int(self.s.stream.time_index_days * 86_400_000))
+            self._writer.submit(snapshot(self.learner.bundle, CheckpointMeta(
+                self.learner.version, self.step_no, dict(self.offsets), self.time_index,
+                self.events_applied)))
+            self.last_checkpoint_step = self.step_no
+        if wait:
+            self._writer.written(block=True)
 
     def _maybe_rebase(self) -> None:
         version = None
@@ -471,5 +451,5 @@ class TrainerConsumer:
                     self.feed.close()
                 finally:
                     self._pool.shutdown(wait=True)
-                    self._writer.shutdown(wait=True)  # a save in flight completes
+                    self._writer.close()
                     self._lock.close()

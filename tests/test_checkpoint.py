@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import pytest
 from factories import make_bundle
 
-import numpy as np
-
 from stream.checkpoint import (
+    CheckpointError,
     CheckpointMeta,
+    CheckpointWriter,
     load_checkpoint,
     restore_into,
     save_checkpoint,
@@ -81,3 +83,25 @@ def test_a_snapshot_is_written_as_it_was_taken_while_learning_goes_on(tmp_path: 
     assert payload["user_vocab"].ids == ids and "a-new-user" not in payload["user_vocab"]
     assert np.array_equal(payload["item_counts"], counts)
     assert payload["freq"].step == freq_step != bundle.freq.step
+
+
+def test_the_writer_saves_in_the_background_and_raises_a_failure_on_the_next_call(
+        tmp_path: Path) -> None:
+    bundle, written = make_bundle(), []
+    writer = CheckpointWriter(tmp_path / "ok", keep=2, on_written=lambda: written.append(1))
+    writer.submit(snapshot(bundle, CheckpointMeta("v1", 1, {0: 3})))
+    writer.submit(snapshot(bundle, CheckpointMeta("v1", 2, {0: 5})))  # after the first
+    writer.written(block=True)
+    loaded = load_checkpoint(tmp_path / "ok")
+    assert loaded is not None and loaded[0].step == 2 and written == [1, 1]
+    writer.close()
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the checkpoints should go")
+    failing = CheckpointWriter(blocked, keep=2, on_written=lambda: written.append(1))
+    failing.submit(snapshot(bundle, CheckpointMeta("v1", 3, {0: 7})))  # returns at once
+    with pytest.raises(CheckpointError):
+        failing.written(block=True)
+    failing.written(block=True)  # raised once; nothing in flight now
+    assert written == [1, 1]
+    failing.close()
