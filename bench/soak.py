@@ -57,9 +57,9 @@ from common.settings import Settings, load_settings  # noqa: E402
 from common.synthetic import SyntheticConfig, generate  # noqa: E402
 from publisher.control import ReleaseControl  # noqa: E402
 from publisher.redis_faiss import RedisFaissPublisher  # noqa: E402
+from recstream.daemons import Daemon, lander, trainer  # noqa: E402
 from recstream.demo_report import Histogram, counter, read_histogram  # noqa: E402
 from stream.replayer import EventProducer  # noqa: E402
-from tests.faults.daemons import Daemon  # noqa: E402
 
 BOOTSTRAP_DAYS = 3  # the champion's history; the later days are replayed
 K = 50
@@ -296,12 +296,9 @@ class System:
 
     def start_daemons(self) -> None:
         logs = self.home / "logs"
-        for name, argv, port in (
-                ("stream", ["stream", "--dataset", "synthetic"],
-                 "RECSTREAM_STREAM_TRAINER_METRICS_PORT"),
-                ("lander", ["land"], "RECSTREAM_STREAM_LANDER_METRICS_PORT"),
-                ("serving", ["serve"], "RECSTREAM_SERVING_PORT")):
-            self.daemons[name] = Daemon(name, argv, self.env, logs, port).start()
+        for daemon in (trainer(self.env, logs), lander(self.env, logs),
+                       Daemon("serving", ["serve"], self.env, logs, "RECSTREAM_SERVING_PORT")):
+            self.daemons[daemon.name] = daemon.start()
 
     def wait_ready(self) -> None:
         """Every daemon answers on its port and serving is healthy."""

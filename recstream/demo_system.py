@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,13 +29,14 @@ from common.broker import EmbeddedBroker, home_broker
 from common.dataset import Dataset
 from common.events import DAY_MS, Events, format_day
 from common.kafka_clients import ensure_topics, make_consumer
-from common.launcher import free_port, stop_pid
+from common.launcher import free_port
 from common.redis_server import EmbeddedRedis, home_redis
 from common.registry import Registry
 from common.settings import Settings, load_settings
 from common.telemetry import scrape
 from publisher.control import ReleaseControl
 from publisher.redis_faiss import RedisFaissPublisher
+from recstream.daemons import Daemon, lander, trainer
 from serving.recall import RecallService
 from stream.replayer import EventProducer
 
@@ -64,7 +64,7 @@ class DemoSystem:
         self.dataset, self.dataset_name, self.progress = dataset, dataset_name, progress
         self.home = base.home / "demo"
         self._servers: list[Any] = []
-        self._daemons: dict[str, subprocess.Popen] = {}
+        self._daemons: dict[str, Daemon] = {}
         self._consumers: dict[str, Any] = {}
         self.nightlies: list[DayNightly] = []
         self.day: int | None = None
@@ -132,13 +132,11 @@ class DemoSystem:
 
     def start_daemons(self) -> None:
         """The stream trainer and the lander, as the processes operators run."""
-        for name, command in (("stream", "stream"), ("lander", "land")):
-            argv = [sys.executable, "-m", "recstream", command]
-            if command == "stream":
-                argv += ["--dataset", self.dataset_name]
-            with open(self.home / "logs" / f"{name}.log", "ab") as log:
-                self._daemons[name] = subprocess.Popen(
-                    argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        logs = self.home / "logs"
+        for daemon in (trainer(self.env, logs, self.dataset_name,
+                               port=self.trainer_metrics_port),
+                       lander(self.env, logs, port=self.lander_metrics_port)):
+            self._daemons[daemon.name] = daemon.start()
         for name, group in (("stream", self.s.stream.trainer_group),
                             ("lander", self.s.stream.lander_group)):
             self._consumers[name] = make_consumer(self.s.kafka, self.s.kafka.bootstrap, group)
@@ -172,15 +170,15 @@ class DemoSystem:
                       + f" in {time.perf_counter() - start:.1f} s")
 
     def _wait_committed(self, name: str, ends: dict[TopicPartition, int]) -> None:
-        consumer, proc = self._consumers[name], self._daemons[name]
+        consumer, daemon = self._consumers[name], self._daemons[name]
         deadline = time.monotonic() + WAIT_S
         while True:
             behind = [tp for tp, end in ends.items()
                       if end > 0 and (consumer.committed(tp) or 0) < end]
             if not behind:
                 return
-            if proc.poll() is not None:
-                raise DemoError(f"the {name} process exited with status {proc.returncode}; "
+            if not daemon.alive():
+                raise DemoError(f"the {name} process exited with status {daemon.returncode()}; "
                                 f"see {self.home / 'logs' / (name + '.log')}")
             if time.monotonic() > deadline:
                 raise DemoError(f"the {name} process did not take in the events within "
@@ -211,11 +209,9 @@ class DemoSystem:
         for consumer in self._consumers.values():
             with contextlib.suppress(Exception):
                 consumer.close(autocommit=False)
-        for proc in self._daemons.values():
-            if proc.poll() is None:
-                stop_pid(proc.pid, timeout_s=30)
+        for daemon in self._daemons.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+                daemon.stop(timeout_s=30, wait_s=5)
         for server in reversed(self._servers):
             server.stop()
 

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -28,6 +27,7 @@ from common.launcher import free_port, stop_pid, wait_for_port
 from common.registry import Registry
 from common.settings import load_settings
 from common.synthetic import SyntheticConfig, generate
+from recstream.daemons import LANDER_PORT, TRAINER_PORT, Daemon
 
 PROMETHEUS = next((p for p in (os.environ.get("PROMETHEUS_BIN"), shutil.which("prometheus"))
                    if p and os.access(p, os.X_OK)), None)
@@ -36,6 +36,8 @@ pytestmark = pytest.mark.skipif(
     "prometheus, or set PROMETHEUS_BIN): the dashboards' queries were not run for real")
 DAEMONS = {"stream": ["stream", "--dataset", "synthetic"], "lander": ["land"],
            "serving": ["serve"], "scheduler": ["schedule", "--dataset", "synthetic"]}
+PORT_SETTINGS = {"stream": TRAINER_PORT, "lander": LANDER_PORT,
+                 "serving": "RECSTREAM_SERVING_PORT", "scheduler": "RECSTREAM_NIGHTLY_METRICS_PORT"}
 
 
 def _get(url: str) -> Any:
@@ -47,26 +49,30 @@ class Running:
     """The daemons' processes and ports, and the Prometheus that scrapes them."""
 
     def __init__(self, home: Path) -> None:
-        self.home, self.procs, self.ports = home, {}, {n: free_port() for n in DAEMONS}
+        self.home, self.ports = home, {n: free_port() for n in DAEMONS}
         self.ports["prometheus"] = free_port()
+        self.daemons: list[Daemon] = []
+        self.prometheus: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        """Every daemon's port setting: each of them sees all four, as an operator's."""
+        return {PORT_SETTINGS[name]: str(self.ports[name]) for name in DAEMONS}
 
     def start(self, env: dict[str, str]) -> None:
         for name, argv in DAEMONS.items():
-            with open(self.home / f"{name}.log", "ab") as log:
-                self.procs[name] = subprocess.Popen([sys.executable, "-m", "recstream", *argv],
-                                                    env=env, stdout=log, stderr=log)
+            self.daemons.append(Daemon(name, argv, env, self.home, PORT_SETTINGS[name],
+                                       port=self.ports[name]).start())
         config = self.home / "prometheus.yml"
         config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n" + "".join(
             f"  - job_name: {name}\n    static_configs:\n"
             f"      - targets: ['127.0.0.1:{self.ports[name]}']\n" for name in DAEMONS))
         with open(self.home / "prometheus.log", "ab") as log:
-            self.procs["prometheus"] = subprocess.Popen(
+            self.prometheus = subprocess.Popen(
                 [str(PROMETHEUS), f"--config.file={config}",
                  f"--storage.tsdb.path={self.home / 'tsdb'}",
                  f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}"],
                 stdout=log, stderr=log)
-        wait_for_port("127.0.0.1", self.ports["prometheus"], 30, self.procs["prometheus"],
-                      "prometheus")
+        wait_for_port("127.0.0.1", self.ports["prometheus"], 30, self.prometheus, "prometheus")
 
     def query(self, expr: str) -> list[Any]:
         url = (f"http://127.0.0.1:{self.ports['prometheus']}/api/v1/query?"
@@ -79,9 +85,10 @@ class Running:
         return {r["metric"]["job"] for r in self.query("up == 1")}
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                stop_pid(proc.pid, timeout_s=20)
+        for daemon in self.daemons:
+            daemon.stop(timeout_s=20)
+        if self.prometheus is not None and self.prometheus.poll() is None:
+            stop_pid(self.prometheus.pid, timeout_s=20)
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +102,7 @@ def running(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str,
         "RECSTREAM_KAFKA_DLQ_TOPIC": "scrape.dlq",
         "RECSTREAM_STREAM_UPDATE_INTERVAL_S": "0.5", "RECSTREAM_STREAM_LANDER_FLUSH_S": "0.5",
         "RECSTREAM_STREAM_REBASE_CHECK_S": "0.5", "RECSTREAM_STREAM_THREADS": "1",
-        "RECSTREAM_STREAM_TRAINER_METRICS_PORT": str(run.ports["stream"]),
-        "RECSTREAM_STREAM_LANDER_METRICS_PORT": str(run.ports["lander"]),
-        "RECSTREAM_SERVING_PORT": str(run.ports["serving"]),
-        "RECSTREAM_NIGHTLY_METRICS_PORT": str(run.ports["scheduler"]),
+        **run.env(),
         "RECSTREAM_NIGHTLY_CRON": "*/2 * * * * *", "RECSTREAM_NIGHTLY_LATENESS_S": "0",
         "RECSTREAM_NIGHTLY_GUARD_EVENTS": "100", "RECSTREAM_NIGHTLY_GUARD_TIMEOUT_S": "120",
         "RECSTREAM_PUBLISHER_REBASE_TIMEOUT_S": "30", **SMALL_MODEL})}

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from daemons import Daemons
+
+from recstream.daemons import Daemons
 
 _KEY = pytest.StashKey["FaultLog"]()
 

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from daemons import lander, trainer
 from streaming import bootstrap_champion, produce, stream_env, stream_settings, wait_for
 
 from common.broker import EmbeddedBroker
 from common.events import DAY_MS, format_day
 from common.landed import landed_parts, read_landed_day
 from common.synthetic import SyntheticConfig, generate
+from recstream.daemons import lander, trainer
 from recstream.demo_report import gauge
 
 OUTAGE_S = 30.0

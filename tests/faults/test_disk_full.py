@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemons import lander, trainer
 from publishing import control_for, released_champion
 from streaming import bootstrap_champion, produce, stream_env, stream_settings, wait_for
 from test_nightly_job import day_ms_of, land_day, nightly_env, world  # noqa: F401
@@ -30,6 +29,7 @@ from common.landed import landed_parts, read_landed_day
 from common.registry import Registry
 from common.settings import load_settings
 from common.synthetic import SyntheticData
+from recstream.daemons import lander, trainer
 from stream.checkpoint import load_checkpoint
 
 

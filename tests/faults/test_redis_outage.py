@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemons import Daemon
 from publishing import publish_env, publish_settings, released_champion
 from streaming import wait_for
 
 from common.synthetic import SyntheticConfig, generate
+from recstream.daemons import Daemon
 
 
 def _get(url: str) -> tuple[int, dict[str, Any]]:
