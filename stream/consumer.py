@@ -29,6 +29,7 @@ from common.kafka_clients import make_consumer, make_producer
 from common.registry import Registry, RegistryError
 from common.settings import Settings
 from common.shutdown import StopFlag
+from common.telemetry import Heartbeat
 from common.training import TrainingDivergedError
 from publisher.base import Delta, Publisher, PublishError
 from stream.buffer import Buffer
@@ -50,6 +51,8 @@ from stream.time_index import TimeIndex
 
 log = logging.getLogger(__name__)
 _KEEPALIVE_EVERY_S = 0.1  # rebalances are seen at most this late
+_RETRY_MAX_S = 30.0  # publish retries back off up to this
+_PUBLISH_FAILING_S = 60.0  # publishing failed this long: /healthz says unhealthy
 
 
 class StepAbandonedError(RuntimeError):
@@ -95,6 +98,9 @@ class TrainerConsumer:
         self.step_no = self.events_applied = 0
         self.offsets: dict[int, int] = {}
         self.time_index = TimeIndex()
+        # The loop may be silent for the group's poll limit plus one publish retry wait.
+        self.heartbeat = Heartbeat(settings.kafka.max_poll_interval_ms / 1000 + _RETRY_MAX_S)
+        self._publish_failing: tuple[float, str] | None = None  # since when, last error
         self._lock = exclusive_lock(self.ckpt_dir)
         try:
             self._start(settings, bootstrap)
@@ -197,6 +203,7 @@ class TrainerConsumer:
 
     def poll_once(self) -> None:
         """One poll and whatever steps, rebases and gauges are due."""
+        self.heartbeat.beat()
         self._writer.written(block=False)  # a failed save stops the trainer here
         self._receive()
         self._finish_step(block=False)
@@ -324,14 +331,29 @@ class TrainerConsumer:
                     error = exc
                 else:
                     self.metrics.last_publish.set(time.time())
+                    self._publish_failing = None
                     return
+            since = self._publish_failing[0] if self._publish_failing else time.monotonic()
+            self._publish_failing = (since, str(error))
             self.metrics.publish_failures.inc()
             log.warning("publish failed, retrying", extra={"error": str(error),
                                                            "retry_in_s": delay})
             self.keepalive()
             if self.stop.wait(delay):
                 raise StepAbandonedError(str(error)) from error
-            delay, error = min(delay * 2, 30.0), None
+            delay, error = min(delay * 2, _RETRY_MAX_S), None
+
+    def health(self) -> str | None:
+        """Why the trainer is unhealthy (its ``/healthz``), or None: its loop is stuck, or
+        its deltas have failed to publish for over a minute."""
+        stuck = self.heartbeat.check()
+        if stuck is not None:
+            return stuck
+        if self._publish_failing is not None:
+            since, error = self._publish_failing
+            if time.monotonic() - since > _PUBLISH_FAILING_S:
+                return f"publishing has failed for {time.monotonic() - since:.0f} s: {error}"
+        return None
 
     def keepalive(self, timeout_ms: int = 0) -> None:
         """Poll the group consumer: stays in the group (rebalances happen here).
@@ -339,6 +361,7 @@ class TrainerConsumer:
         Its partitions are paused, so it returns nothing; should a partition slip through
         unpaused, what it returned is pushed back (seek) so that nothing is skipped.
         """
+        self.heartbeat.beat()
         for tp, records in self.consumer.poll(timeout_ms=timeout_ms).items():
             if records:
                 self.consumer.seek(tp, records[0].offset)

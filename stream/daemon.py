@@ -38,9 +38,10 @@ def run_trainer_daemon(settings: Settings, dataset: Dataset, max_steps: int | No
     ensure_topics(settings.kafka, bootstrap, [settings.kafka.topic, settings.kafka.dlq_topic])
     metrics = TrainerMetrics()
     with serve_metrics(metrics.registry, settings.stream.metrics_host,
-                       settings.stream.trainer_metrics_port):
+                       settings.stream.trainer_metrics_port) as endpoint:
         trainer = TrainerConsumer(settings, dataset, make_publisher(settings), bootstrap,
                                   metrics, stop)
+        endpoint.health = trainer.health
         log.info("stream trainer started", extra={
             "bootstrap": bootstrap, "version": trainer.learner.version, "step": trainer.step_no})
         trainer.run(max_steps)

@@ -42,7 +42,7 @@ from common.landed import (
 )
 from common.settings import Settings
 from common.shutdown import StopFlag
-from common.telemetry import serve_metrics
+from common.telemetry import Heartbeat, serve_metrics
 from common.wire import InvalidEventError, WireEvent, decode_event
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,8 @@ class Lander:
         self._assigned_at: float | None = None
         self._last_record = time.monotonic()
         self._lag_at = 0.0
+        # Silent longer than the group's poll limit plus a flush: stuck (its /healthz).
+        self.heartbeat = Heartbeat(settings.kafka.max_poll_interval_ms / 1000 + 30.0)
         self.consumer: KafkaConsumer = make_consumer(settings.kafka, bootstrap,
                                                      settings.stream.lander_group)
         self.consumer.subscribe([settings.kafka.topic], listener=_Rebalance(self))
@@ -179,6 +181,7 @@ class Lander:
 
     def poll_once(self) -> int:
         """Poll once and classify what came; returns how many records were read."""
+        self.heartbeat.beat()
         batches = self.consumer.poll(timeout_ms=self.settings.stream.poll_timeout_ms)
         n = 0
         for tp, records in batches.items():
@@ -329,11 +332,13 @@ def run_lander_daemon(settings: Settings, stop: StopFlag | None = None,
     stop = StopFlag.for_daemon(stop)
     metrics = LanderMetrics()
     with serve_metrics(metrics.registry, settings.stream.metrics_host,
-                       settings.stream.lander_metrics_port):
+                       settings.stream.lander_metrics_port) as endpoint:
         bootstrap = bootstrap_servers(settings)
         ensure_topics(settings.kafka, bootstrap, [settings.kafka.topic])
         log.info("lander starting", extra={"topic": settings.kafka.topic,
                                            "group": settings.stream.lander_group})
-        stats = Lander(settings, bootstrap, metrics).run(stop, max_idle_s)
+        lander = Lander(settings, bootstrap, metrics)
+        endpoint.health = lander.heartbeat.check
+        stats = lander.run(stop, max_idle_s)
     log.info("lander stopped", extra={"reason": stop.reason or "idle", **vars(stats)})
     return stats

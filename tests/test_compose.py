@@ -124,10 +124,11 @@ def test_serving_health_is_its_healthz_endpoint(services: dict[str, Any]) -> Non
 
 
 @pytest.mark.parametrize("name", ["stream", "lander", "scheduler"])
-def test_daemon_health_is_its_metrics_endpoint(services: dict[str, Any], name: str) -> None:
+def test_daemon_health_is_the_healthz_of_its_metrics_endpoint(services: dict[str, Any],
+                                                               name: str) -> None:
     settings = load_settings(environment(services[name]))
     port = CONFIGURED_PORT[name](settings)
-    assert f":{port}/metrics" in " ".join(services[name]["healthcheck"]["test"])
+    assert f":{port}/healthz" in " ".join(services[name]["healthcheck"]["test"])
 
 
 def test_daemons_restart_unless_stopped(services: dict[str, Any]) -> None:

@@ -348,9 +348,12 @@ def test_metrics_endpoint_reports_progress_and_lag(make_settings) -> None:
                    and page().count("recstream_lander_lag_records{") == 3, 20,
                    "12 events landed and the lag of 3 partitions")
         text = page()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+            health = (r.status, r.read())
     finally:
         stop.set("test")
         thread.join(30)
+    assert health == (200, b"ok\n")
     samples = dict(line.rsplit(" ", 1) for line in text.splitlines()
                    if line and not line.startswith("#"))
     watermark = float(samples["recstream_lander_watermark_timestamp_seconds"])

@@ -56,6 +56,8 @@ def test_sigterm_steps_the_buffer_commits_checkpoints_and_exits_zero(
                              for k in _scrape(port)), 10, "the lag gauges")
         metrics = _scrape(port)
         assert metrics["recstream_stream_steps_total"] == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            assert (r.status, r.read()) == (200, b"ok\n")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-2000:]
     finally:

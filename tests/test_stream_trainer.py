@@ -13,6 +13,7 @@ import torch
 from kafka import KafkaConsumer, TopicPartition
 from streaming import bootstrap_champion, produce, stream_settings, wait_for
 
+import stream.consumer as consumer_module
 from batch.jobs import nightly_job
 from common.events import Events
 from common.registry import Registry
@@ -161,7 +162,8 @@ class FailingPublisher(FilePublisher):
         super().publish_delta(delta)
 
 
-def test_offsets_wait_for_a_successful_publish(settings: Settings, world: SyntheticData) -> None:
+def test_offsets_wait_for_a_successful_publish(settings: Settings, world: SyntheticData,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     events = _day(world, 2).take(np.arange(300))
     produce(settings.kafka.bootstrap, settings.kafka.topic, events)
     publisher = FailingPublisher(settings.home / "published")
@@ -169,8 +171,14 @@ def test_offsets_wait_for_a_successful_publish(settings: Settings, world: Synthe
         wait_for(lambda: publisher.attempts >= 3, 60, "three failed publishes")
         assert set(_committed(settings, settings.kafka.partitions).values()) == {None}
         assert trainer.events_applied == 0
+        assert trainer.health() is None  # failing for seconds, not yet a minute
+        monkeypatch.setattr(consumer_module, "_PUBLISH_FAILING_S", 0.0)
+        reason = trainer.health()
+        assert reason is not None and "publishing has failed" in reason \
+            and "injected: store unavailable" in reason
         publisher.healthy.set()
         wait_for(lambda: _applied(trainer, len(events)), 60, "the retried publish")
+        assert trainer.health() is None
     committed = _committed(settings, settings.kafka.partitions)
     published = publisher.read(trainer.learner.version).offsets
     assert sum(o or 0 for o in committed.values()) == len(events)
