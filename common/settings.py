@@ -317,7 +317,9 @@ class StreamSettings(_Group):
         "redis", description="where the trainer publishes deltas: Redis + FAISS indexes, "
         "or files under RECSTREAM_HOME/published (no serving; for trials)")
     lander_group: str = "lander"
-    update_interval_s: float = Field(300.0, gt=0, description="gather a micro-batch this long")
+    update_interval_s: float = Field(
+        300.0, gt=0, description="gather a micro-batch this long (from the oldest record's "
+        "arrival, less up to half of it for the time that record was already on the way)")
     max_batch_events: int = Field(50_000, ge=1, description="or until this many events")
     batch_size: int = Field(
         512, ge=2, description="examples per embedding-only step (the nightly uses "
