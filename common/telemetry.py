@@ -53,7 +53,10 @@ class Endpoint:
         def wsgi(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
             if environ.get("PATH_INFO") != "/healthz":
                 return app(environ, start_response)  # type: ignore[no-any-return]
-            reason = self.health() if self.health is not None else None
+            try:
+                reason = self.health() if self.health is not None else None
+            except Exception as exc:  # noqa: BLE001 - a broken check is an unhealthy answer
+                reason = f"the health check failed: {exc!r}"
             body = b"ok\n" if reason is None else f"unhealthy: {reason}\n".encode()
             start_response("200 OK" if reason is None else "503 Service Unavailable",
                            [("Content-Type", "text/plain; charset=utf-8"),

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from common.launcher import free_port, stop_pid
+from common.launcher import free_port
 from common.telemetry import scrape
 from recstream.demo_report import counter
 
@@ -66,7 +66,13 @@ class Daemon:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            stop_pid(self.proc.pid, timeout_s=timeout_s)
+            # Through the Popen handle (its pid), not stop_pid: that reaps the child
+            # itself, and the exit status would be lost (Popen then reports 0).
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         return self.proc.wait(timeout=wait_s)
 
     def log_text(self) -> str:

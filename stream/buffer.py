@@ -32,9 +32,11 @@ class Buffer:
         self.events += chunk.n_events
         if self.started is None:
             self.started = time.monotonic()
-            sent_ms = chunk.record_ts_ms.min() if len(chunk) else None
-            self.in_flight_s = 0.0 if sent_ms is None else max(
-                0.0, time.time() - float(sent_ms) / 1000)
+            # Valid records only, and no Kafka "no timestamp" (-1) or zero.
+            stamps = chunk.record_ts_ms[chunk.valid]
+            stamps = stamps[stamps > 0]
+            self.in_flight_s = max(0.0, time.time() - float(stamps.min()) / 1000) \
+                if len(stamps) else 0.0
 
     def clear(self) -> None:
         self.chunks.clear()

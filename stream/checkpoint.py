@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,10 @@ class Snapshot:
 def snapshot(bundle: ModelBundle, meta: CheckpointMeta) -> Snapshot:
     """Copy what a checkpoint of ``bundle`` holds (memory copies: milliseconds)."""
     ids = {"user": bundle.model.user.ids, "item": bundle.model.item.ids}
-    return Snapshot(meta, meta.time_index.to_dict(),
+    time_index = meta.time_index.to_dict()
+    meta = replace(meta, offsets=dict(meta.offsets),
+                   time_index=TimeIndex.from_dict(time_index))  # nothing shared with the live one
+    return Snapshot(meta, time_index,
                     {f"{k}.{n}": getattr(t, n).clone() for k, t in ids.items()
                      for n in ("weight", "accum")},
                     bundle.user_vocab.copy(), bundle.item_vocab.copy(),
@@ -166,7 +169,11 @@ class CheckpointWriter:
             writing.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)  # a save in flight completes
+        """Wait for the save in flight (raising its failure) and stop the thread."""
+        try:
+            self.written(block=True)
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def load_checkpoint(root: Path) -> tuple[CheckpointMeta, dict[str, Any]] | None:

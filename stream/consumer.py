@@ -411,6 +411,7 @@ class TrainerConsumer:
             if self.pending is not None:
                 raise RuntimeError("checkpoint while a step is in flight (a bug): refusing")
             self.time_index.prune(int(self.s.stream.time_index_days * 86_400_000))
+            self._writer.written(block=True)  # two copies of the tables at most, not three
             self._writer.submit(snapshot(self.learner.bundle, CheckpointMeta(
                 self.learner.version, self.step_no, dict(self.offsets), self.time_index,
                 self.events_applied)))

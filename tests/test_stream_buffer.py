@@ -88,3 +88,17 @@ def test_the_interval_counts_the_time_the_oldest_record_was_on_the_way(
     assert not buffer.due(1.0, 100)
     clock.now += 0.02
     assert buffer.due(1.0, 100)
+
+
+def test_records_without_a_timestamp_or_dead_lettered_give_no_credit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(buffer_module, "time", clock)
+    chunk = _chunk(0, 0, [True, True, False])
+    old_ms = int((clock.now - 0.4) * 1000)  # only the dead letter is old
+    buffer = Buffer()
+    buffer.add(Chunk(0, chunk.offsets, np.array([-1, 0, old_ms]), chunk.valid, chunk.events))
+    clock.now += 0.99
+    assert not buffer.due(1.0, 100)
+    clock.now += 0.02
+    assert buffer.due(1.0, 100)

@@ -31,6 +31,13 @@ def test_healthz_answers_the_daemons_check_and_metrics_stay_as_they_were() -> No
                                                "(limit 60 s)\n")
         reasons.append(None)
         assert _get(port, "/healthz") == (200, "ok\n")
+
+        def broken() -> str | None:
+            raise RuntimeError("no state yet")
+
+        endpoint.health = broken
+        assert _get(port, "/healthz") == (503, "unhealthy: the health check failed: "
+                                               "RuntimeError('no state yet')\n")
         status, text = _get(port, "/metrics")
     assert status == 200
     assert "recstream_test_things_total 3.0" in text and "recstream_build_info{" in text
