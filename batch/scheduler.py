@@ -209,10 +209,9 @@ class NightlyScheduler:
                                              "next_run": str(job.next_run_time)})
         try:
             ticks = 0
+            self._next_run_gauge(scheduler)  # from the start, not after the first tick
             while not self.stop.wait(1.0):
-                job = scheduler.get_job("nightly")
-                if job is not None and job.next_run_time is not None:
-                    self.metrics.next_run.set(job.next_run_time.timestamp())
+                self._next_run_gauge(scheduler)
                 if ticks % 15 == 0:
                     self._publishing_gauges()
                 ticks += 1
@@ -221,6 +220,11 @@ class NightlyScheduler:
             scheduler.shutdown(wait=True)
         log.info("scheduler stopped", extra={"reason": self.stop.reason})
 
+
+    def _next_run_gauge(self, scheduler: BackgroundScheduler) -> None:
+        job = scheduler.get_job("nightly")
+        if job is not None and job.next_run_time is not None:
+            self.metrics.next_run.set(job.next_run_time.timestamp())
 
     def _publishing_gauges(self) -> None:
         """Redis memory and published versions, for the publishing dashboard."""
