@@ -220,7 +220,6 @@ class NightlyScheduler:
             scheduler.shutdown(wait=True)
         log.info("scheduler stopped", extra={"reason": self.stop.reason})
 
-
     def _next_run_gauge(self, scheduler: BackgroundScheduler) -> None:
         job = scheduler.get_job("nightly")
         if job is not None and job.next_run_time is not None:

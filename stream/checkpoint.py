@@ -64,8 +64,7 @@ class Snapshot:
     """A copy of the learned state, taken between steps, that can be written while the
     trainer learns on."""
 
-    meta: CheckpointMeta
-    time_index: dict[str, Any]
+    meta: CheckpointMeta  # its offsets and time index copies, not the live ones
     tables: dict[str, torch.Tensor]
     user_vocab: IdVocab
     item_vocab: IdVocab
@@ -76,10 +75,9 @@ class Snapshot:
 def snapshot(bundle: ModelBundle, meta: CheckpointMeta) -> Snapshot:
     """Copy what a checkpoint of ``bundle`` holds (memory copies: milliseconds)."""
     ids = {"user": bundle.model.user.ids, "item": bundle.model.item.ids}
-    time_index = meta.time_index.to_dict()
     meta = replace(meta, offsets=dict(meta.offsets),
-                   time_index=TimeIndex.from_dict(time_index))  # nothing shared with the live one
-    return Snapshot(meta, time_index,
+                   time_index=TimeIndex.from_dict(meta.time_index.to_dict()))
+    return Snapshot(meta,
                     {f"{k}.{n}": getattr(t, n).clone() for k, t in ids.items()
                      for n in ("weight", "accum")},
                     bundle.user_vocab.copy(), bundle.item_vocab.copy(),
@@ -112,7 +110,7 @@ def write_checkpoint(root: Path, snap: Snapshot, keep: int) -> Path:
                                                             **snap.freq))
         state = {"base_version": meta.base_version, "step": meta.step,
                  "offsets": {str(p): o for p, o in meta.offsets.items()},
-                 "time_index": snap.time_index,
+                 "time_index": meta.time_index.to_dict(),
                  "events_applied": meta.events_applied, "created_at": time.time(),
                  "files": {f: sha256_file(staging / f) for f in _FILES}}
         write_text_atomic(staging / "state.json", json.dumps(state))

@@ -195,7 +195,6 @@ class TrainerConsumer:
             try:
                 if self.pending is not None:
                     wait([self.pending.future])  # never save while the learner writes
-                    self._writer.written(block=True)
                 else:
                     self.checkpoint()
             finally:
@@ -351,8 +350,9 @@ class TrainerConsumer:
             return stuck
         if self._publish_failing is not None:
             since, error = self._publish_failing
-            if time.monotonic() - since > _PUBLISH_FAILING_S:
-                return f"publishing has failed for {time.monotonic() - since:.0f} s: {error}"
+            failing_s = time.monotonic() - since
+            if failing_s > _PUBLISH_FAILING_S:
+                return f"publishing has failed for {failing_s:.0f} s: {error}"
         return None
 
     def keepalive(self, timeout_ms: int = 0) -> None:
@@ -475,5 +475,7 @@ class TrainerConsumer:
                     self.feed.close()
                 finally:
                     self._pool.shutdown(wait=True)
-                    self._writer.close()
-                    self._lock.close()
+                    try:
+                        self._writer.close()  # raises a failed last save
+                    finally:
+                        self._lock.close()
