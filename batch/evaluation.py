@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 
 from batch.trainer import bootstrap
-from common.baselines import ItemKNNScorer, PopularityScorer, RecentPopularityScorer
-from common.bundle import Features
-from common.dataset import Dataset, Scorer
-from common.evaluate import evaluate_scorer, temporal_split
-from common.events import DAY_MS, Events, format_day, parse_day
-from common.scoring import TwoTowerScorer
-from common.settings import Settings
+from common.data.dataset import Dataset
+from common.data.events import DAY_MS, Events, format_day, parse_day
+from common.evaluation.baselines import ItemKNNScorer, PopularityScorer, RecentPopularityScorer
+from common.evaluation.offline import evaluate_scorer, temporal_split
+from common.evaluation.protocol import Scorer
+from common.evaluation.two_tower import TwoTowerScorer
+from common.infra.settings import Settings
+from common.model.bundle import Features
 
 log = logging.getLogger(__name__)
 

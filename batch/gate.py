@@ -6,7 +6,7 @@ trains on the rest and its cutoff is the slice's start, so the stream's rebase r
 the slice onto it: nothing is lost by holding it out.
 
 >>> import numpy as np
->>> from common.events import Events
+>>> from common.data.events import Events
 >>> ev = Events.from_columns(event_id=list("abcd"), user_id=list("uuvv"),
 ...                          item_id=list("ijij"), ts_ms=[0, 1, 2, 3])
 >>> train, held_out, cutoff = split_holdout(ev, 0.25)
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.bundle import Features, ModelBundle
-from common.dataset import Dataset
-from common.evaluate import evaluate_scorer
-from common.events import Events
-from common.scoring import TwoTowerScorer
-from common.settings import Settings
+from common.data.dataset import Dataset
+from common.data.events import Events
+from common.evaluation.offline import evaluate_scorer
+from common.evaluation.two_tower import TwoTowerScorer
+from common.infra.settings import Settings
+from common.model.bundle import Features, ModelBundle
 
 
 class HoldoutError(ValueError):

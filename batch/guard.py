@@ -28,15 +28,15 @@ import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from common.bundle import Features
-from common.dataset import Dataset
-from common.evaluate import prequential_arms
-from common.events import Events
-from common.kafka_clients import bootstrap_servers, make_consumer
-from common.registry import RegistryError
-from common.scoring import TwoTowerScorer
-from common.settings import Settings
-from common.wire import InvalidEventError, WireEvent, decode_event, to_events
+from common.data.dataset import Dataset
+from common.data.events import Events
+from common.data.wire import InvalidEventError, WireEvent, decode_event, to_events
+from common.evaluation.prequential import prequential_arms
+from common.evaluation.two_tower import TwoTowerScorer
+from common.infra.kafka_clients import bootstrap_servers, make_consumer
+from common.infra.settings import Settings
+from common.model.bundle import Features
+from common.model.registry import RegistryError
 from publisher.base import PublishError
 from publisher.control import ReleaseControl
 from publisher.redis_users import VersionStateError

@@ -6,10 +6,10 @@ import logging
 from dataclasses import asdict, dataclass
 
 from batch.trainer import bootstrap, nightly
-from common.dataset import Dataset
-from common.events import DAY_MS, Events, format_day
-from common.registry import Registry
-from common.settings import Settings
+from common.data.dataset import Dataset
+from common.data.events import DAY_MS, Events, format_day
+from common.infra.settings import Settings
+from common.model.registry import Registry
 
 log = logging.getLogger(__name__)
 

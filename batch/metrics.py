@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
 
 from batch.guard import GuardMetrics
-from common.telemetry import register_build_info
+from common.infra.telemetry import register_build_info
 
 STEPS = ("landed", "train", "evaluate", "gate", "register", "publish", "promote")
 RESULTS = ("released", "up_to_date", "refused", "failed")

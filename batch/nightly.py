@@ -27,11 +27,11 @@ from batch.gate import GateDecision, decide, evaluate_on_holdout, split_holdout
 from batch.guard import GuardError, GuardResult, PromotionGuard, stream_end_offsets
 from batch.metrics import NightlyMetrics
 from batch.trainer import nightly
-from common.dataset import Dataset
-from common.events import DAY_MS, Events, format_day, parse_day
-from common.landed import landed_through, read_landed_day
-from common.registry import Registry
-from common.settings import Settings
+from common.data.dataset import Dataset
+from common.data.events import DAY_MS, Events, format_day, parse_day
+from common.data.landed import landed_through, read_landed_day
+from common.infra.settings import Settings
+from common.model.registry import Registry
 from publisher.control import ReleaseControl
 
 log = logging.getLogger(__name__)

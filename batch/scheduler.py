@@ -29,10 +29,10 @@ from redis.exceptions import LockError, RedisError
 
 from batch.metrics import NightlyMetrics
 from batch.nightly import NightlyJob, NightlyReport, guard_release, pending_days
-from common.dataset import Dataset
-from common.settings import Settings
-from common.shutdown import StopFlag
-from common.telemetry import serve_metrics
+from common.data.dataset import Dataset
+from common.infra.settings import Settings
+from common.infra.shutdown import StopFlag
+from common.infra.telemetry import serve_metrics
 from publisher.base import PublishError
 from publisher.control import ReleaseControl
 from publisher.redis_users import COMPLETE

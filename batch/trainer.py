@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from common.bundle import Examples, Features, ModelBundle, encode_examples
-from common.dataset import Dataset
-from common.events import DAY_MS, Events
-from common.settings import Settings, TrainSettings
-from common.training import Trainer
+from common.data.dataset import Dataset
+from common.data.events import DAY_MS, Events
+from common.infra.settings import Settings, TrainSettings
+from common.model.bundle import Examples, Features, ModelBundle, encode_examples
+from common.model.training import Trainer
 
 log = logging.getLogger(__name__)
 

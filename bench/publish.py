@@ -64,13 +64,14 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.atomic import write_text_atomic  # noqa: E402
-from common.bundle import Features, ModelBundle  # noqa: E402
-from common.features import FeatureEncoder, FeatureTable  # noqa: E402
-from common.redis_client import RedisClient, connect  # noqa: E402
-from common.redis_server import redis_or_embedded  # noqa: E402
-from common.registry import Registry  # noqa: E402
-from common.settings import Settings, load_settings  # noqa: E402
+from common.data.tables import FeatureTable  # noqa: E402
+from common.infra.atomic import write_text_atomic  # noqa: E402
+from common.infra.redis_client import RedisClient, connect  # noqa: E402
+from common.infra.redis_server import redis_or_embedded  # noqa: E402
+from common.infra.settings import Settings, load_settings  # noqa: E402
+from common.model.bundle import Features, ModelBundle  # noqa: E402
+from common.model.features import FeatureEncoder  # noqa: E402
+from common.model.registry import Registry  # noqa: E402
 from publisher.control import ReleaseControl  # noqa: E402
 from publisher.item_index import IndexStore, build_index, faiss_ids  # noqa: E402
 from publisher.redis_faiss import RedisFaissPublisher  # noqa: E402

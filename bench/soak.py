@@ -48,13 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from batch.jobs import bootstrap_job  # noqa: E402
-from common.atomic import write_text_atomic  # noqa: E402
-from common.broker import EmbeddedBroker  # noqa: E402
-from common.events import DAY_MS, Events  # noqa: E402
-from common.kafka_clients import ensure_topics, make_producer  # noqa: E402
-from common.redis_server import EmbeddedRedis  # noqa: E402
-from common.settings import Settings, load_settings  # noqa: E402
-from common.synthetic import SyntheticConfig, generate  # noqa: E402
+from common.data.events import DAY_MS, Events  # noqa: E402
+from common.data.synthetic import SyntheticConfig, generate  # noqa: E402
+from common.infra.atomic import write_text_atomic  # noqa: E402
+from common.infra.broker import EmbeddedBroker  # noqa: E402
+from common.infra.kafka_clients import ensure_topics, make_producer  # noqa: E402
+from common.infra.redis_server import EmbeddedRedis  # noqa: E402
+from common.infra.settings import Settings, load_settings  # noqa: E402
 from publisher.control import ReleaseControl  # noqa: E402
 from publisher.redis_faiss import RedisFaissPublisher  # noqa: E402
 from recstream.daemons import Daemon, lander, trainer  # noqa: E402

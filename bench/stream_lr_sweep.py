@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from batch.evaluation import default_train_before  # noqa: E402
 from batch.trainer import bootstrap  # noqa: E402
-from common.atomic import write_text_atomic  # noqa: E402
-from common.bundle import Features  # noqa: E402
-from common.evaluate import prequential_arms  # noqa: E402
-from common.events import Events, parse_day  # noqa: E402
-from common.movielens import load_dataset  # noqa: E402
-from common.scoring import TwoTowerScorer  # noqa: E402
-from common.settings import load_settings  # noqa: E402
-from common.training import Trainer  # noqa: E402
+from common.data.events import Events, parse_day  # noqa: E402
+from common.data.movielens import load_dataset  # noqa: E402
+from common.evaluation.prequential import prequential_arms  # noqa: E402
+from common.evaluation.two_tower import TwoTowerScorer  # noqa: E402
+from common.infra.atomic import write_text_atomic  # noqa: E402
+from common.infra.settings import load_settings  # noqa: E402
+from common.model.bundle import Features  # noqa: E402
+from common.model.training import Trainer  # noqa: E402
 from recstream.demo import CHUNK_EVENTS, CHUNK_MS, TEST_DAYS  # noqa: E402
 
 

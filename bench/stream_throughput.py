@@ -51,16 +51,16 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from batch.jobs import bootstrap_job  # noqa: E402
-from common.atomic import write_text_atomic  # noqa: E402
-from common.broker import EmbeddedBroker  # noqa: E402
-from common.dataset import Dataset  # noqa: E402
-from common.events import Events  # noqa: E402
-from common.kafka_clients import ensure_topics, make_consumer  # noqa: E402
-from common.redis_server import redis_or_embedded  # noqa: E402
-from common.settings import KafkaSettings, Settings, load_settings  # noqa: E402
-from common.shutdown import StopFlag  # noqa: E402
-from common.synthetic import SyntheticConfig, generate  # noqa: E402
-from common.wire import check_events  # noqa: E402
+from common.data.dataset import Dataset  # noqa: E402
+from common.data.events import Events  # noqa: E402
+from common.data.synthetic import SyntheticConfig, generate  # noqa: E402
+from common.data.wire import check_events  # noqa: E402
+from common.infra.atomic import write_text_atomic  # noqa: E402
+from common.infra.broker import EmbeddedBroker  # noqa: E402
+from common.infra.kafka_clients import ensure_topics, make_consumer  # noqa: E402
+from common.infra.redis_server import redis_or_embedded  # noqa: E402
+from common.infra.settings import KafkaSettings, Settings, load_settings  # noqa: E402
+from common.infra.shutdown import StopFlag  # noqa: E402
 from publisher.control import ReleaseControl  # noqa: E402
 from publisher.redis_faiss import RedisFaissPublisher  # noqa: E402
 from stream.consumer import TrainerConsumer  # noqa: E402

@@ -33,11 +33,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.bundle import Examples, Features, ModelBundle, encode_examples  # noqa: E402
-from common.events import Events  # noqa: E402
-from common.features import FeatureTable, FieldSpec  # noqa: E402
-from common.settings import Settings  # noqa: E402
-from common.training import Trainer  # noqa: E402
+from common.data.events import Events  # noqa: E402
+from common.data.tables import FeatureTable, FieldSpec  # noqa: E402
+from common.infra.settings import Settings  # noqa: E402
+from common.model.bundle import Examples, Features, ModelBundle, encode_examples  # noqa: E402
+from common.model.training import Trainer  # noqa: E402
 
 USER_FIELDS = (FieldSpec("segment", "categorical"),)
 ITEM_FIELDS = (FieldSpec("category", "categorical"), FieldSpec("tags", "multi", max_len=4))

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from common.bundle import Features
-from common.dataset import Dataset
-from common.registry import Registry, RegistryError, VersionNotFoundError
-from common.settings import Settings
+from common.data.dataset import Dataset
+from common.infra.settings import Settings
+from common.model.bundle import Features
+from common.model.registry import Registry, RegistryError, VersionNotFoundError
 from publisher.redis_faiss import FullPublishReport, RedisFaissPublisher, history_of
 from publisher.redis_users import COMPLETE, Release, VersionStateError
 

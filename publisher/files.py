@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import npz_bytes, write_bytes_atomic, write_text_atomic
+from common.infra.atomic import npz_bytes, write_bytes_atomic, write_text_atomic
 from publisher.base import Delta, PublishError
 
 

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from common.bundle import Features, ModelBundle
-from common.redis_client import connect
-from common.scoring import item_vectors
-from common.settings import Settings
+from common.infra.redis_client import connect
+from common.infra.settings import Settings
+from common.model.bundle import Features, ModelBundle
+from common.model.vectors import item_vectors
 from publisher.base import Delta, Interactions, PublishError
 from publisher.item_index import IndexStore, ItemIndex
 from publisher.redis_users import COMPLETE, UserStore

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import redis
 
-from common.freq import stable_hash
-from common.redis_client import RedisClient
-from common.settings import RedisSettings
+from common.infra.redis_client import RedisClient
+from common.infra.settings import RedisSettings
+from common.model.freq import stable_hash
 from publisher.base import PublishError
 from publisher.resp import Commands, arg, args, execute
 

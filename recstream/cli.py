@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
-from common.settings import Settings, SettingsError, load_settings
+from common.infra.settings import Settings, SettingsError, load_settings
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _day(text: str) -> str:
-    from common.events import parse_day
+    from common.data.events import parse_day
 
     try:
         parse_day(text)
@@ -196,20 +196,20 @@ def _speed(text: str) -> float:
 
 
 def _dataset(settings: Settings, args: argparse.Namespace) -> Any:
-    from common.movielens import load_dataset
+    from common.data.movielens import load_dataset
 
     return load_dataset(args.dataset, settings.data_cache, path=args.path)
 
 
 def _cmd_data(settings: Settings, args: argparse.Namespace) -> None:
-    from common.movielens import fetch_ml100k
+    from common.data.movielens import fetch_ml100k
 
     print(fetch_ml100k(settings.data_cache))
 
 
 def _cmd_train(settings: Settings, args: argparse.Namespace) -> None:
     from batch.jobs import bootstrap_job, nightly_job
-    from common.events import parse_day
+    from common.data.events import parse_day
 
     dataset = _dataset(settings, args)
     if args.bootstrap:
@@ -224,7 +224,7 @@ def _cmd_train(settings: Settings, args: argparse.Namespace) -> None:
             raise UsageError("--nightly needs --day YYYY-MM-DD")
         day_events = None
         if args.source == "landed":
-            from common.landed import read_landed_day
+            from common.data.landed import read_landed_day
 
             day_events = read_landed_day(settings.events_dir, args.day)
         result = nightly_job(settings, dataset, parse_day(args.day),
@@ -252,7 +252,7 @@ def _publish_trained(settings: Settings, dataset: Any, version: str,
 def _cmd_nightly(settings: Settings, args: argparse.Namespace) -> None:
     from batch.metrics import NightlyMetrics
     from batch.nightly import NightlyJob, guard_release
-    from common.events import DAY_MS, format_day
+    from common.data.events import DAY_MS, format_day
 
     day = args.day or format_day((int(time.time() * 1000) // DAY_MS - 1) * DAY_MS)
     metrics = NightlyMetrics()
@@ -310,7 +310,7 @@ def _cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
                               args.test_days, args.users, models)
     print(format_table(report))
     if args.json:
-        from common.atomic import write_text_atomic
+        from common.infra.atomic import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
@@ -323,7 +323,7 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _cmd_replay(settings: Settings, args: argparse.Namespace) -> None:
-    from common.events import parse_day
+    from common.data.events import parse_day
     from stream.replayer import replay
 
     start = parse_day(args.start) if args.start else None
@@ -347,7 +347,7 @@ def _cmd_land(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _cmd_broker(settings: Settings, args: argparse.Namespace) -> None:
-    from common.broker import home_broker
+    from common.infra.broker import home_broker
 
     if settings.kafka.bootstrap:
         raise UsageError("RECSTREAM_KAFKA_BOOTSTRAP is set: the embedded broker is not used")
@@ -378,7 +378,7 @@ def _cmd_publisher(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _date(ms: int) -> str:
-    from common.events import format_day
+    from common.data.events import format_day
 
     return format_day(ms - 1) if ms else "-"
 
@@ -390,7 +390,7 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _cmd_redis(settings: Settings, args: argparse.Namespace) -> None:
-    from common.redis_server import home_redis
+    from common.infra.redis_server import home_redis
 
     if settings.redis.url:
         raise UsageError("RECSTREAM_REDIS_URL is set: the embedded Redis is not used")
@@ -419,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
-        from common.logs import configure_logging
+        from common.infra.logs import configure_logging
 
         configure_logging(settings.log_level, settings.log_format)
         if settings.train.threads:

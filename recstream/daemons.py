@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from common.launcher import free_port
-from common.telemetry import scrape
+from common.infra.launcher import free_port
+from common.infra.telemetry import scrape
 from recstream.demo_report import counter
 
 TRAINER_PORT = "RECSTREAM_STREAM_TRAINER_METRICS_PORT"

@@ -17,13 +17,13 @@ import time
 from typing import Any
 
 from batch.evaluation import default_train_before
-from common.baselines import PopularityScorer
-from common.evaluate import prequential_arms
-from common.events import DAY_MS, format_day, parse_day
-from common.movielens import load_dataset
-from common.redis_client import redacted
-from common.scoring import ChampionScorer
-from common.settings import Settings
+from common.data.events import DAY_MS, format_day, parse_day
+from common.data.movielens import load_dataset
+from common.evaluation.baselines import PopularityScorer
+from common.evaluation.prequential import prequential_arms
+from common.evaluation.two_tower import ChampionScorer
+from common.infra.redis_client import redacted
+from common.infra.settings import Settings
 from recstream.demo_report import counter, per_day_rows, read_histogram, write_report
 from recstream.demo_system import DemoSystem
 from serving.scorer import ServedScorer

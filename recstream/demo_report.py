@@ -23,9 +23,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.atomic import write_text_atomic
-from common.evaluate import PrequentialResult
-from common.events import DAY_MS, format_day
+from common.data.events import DAY_MS, format_day
+from common.evaluation.prequential import PrequentialResult
+from common.infra.atomic import write_text_atomic
 
 
 @dataclass

@@ -25,15 +25,15 @@ from kafka import TopicPartition
 from batch.jobs import bootstrap_job
 from batch.metrics import NightlyMetrics
 from batch.nightly import NightlyJob, NightlyReport
-from common.broker import EmbeddedBroker, home_broker
-from common.dataset import Dataset
-from common.events import DAY_MS, Events, format_day
-from common.kafka_clients import ensure_topics, make_consumer
-from common.launcher import free_port
-from common.redis_server import EmbeddedRedis, home_redis
-from common.registry import Registry
-from common.settings import Settings, load_settings
-from common.telemetry import scrape
+from common.data.dataset import Dataset
+from common.data.events import DAY_MS, Events, format_day
+from common.infra.broker import EmbeddedBroker, home_broker
+from common.infra.kafka_clients import ensure_topics, make_consumer
+from common.infra.launcher import free_port
+from common.infra.redis_server import EmbeddedRedis, home_redis
+from common.infra.settings import Settings, load_settings
+from common.infra.telemetry import scrape
+from common.model.registry import Registry
 from publisher.control import ReleaseControl
 from publisher.redis_faiss import RedisFaissPublisher
 from recstream.daemons import Daemon, lander, trainer

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from common.settings import Settings
+from common.infra.settings import Settings
 from serving.recall import NotReadyError, RecallService
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,8 @@ def serve_http(service: RecallService, host: str, port: int) -> Iterator[_Server
 
 def run_serving(settings: Settings, stop: Any = None) -> None:
     """``recstream serve``: follow releases and answer until SIGTERM/SIGINT."""
-    from common.registry import Registry
-    from common.shutdown import StopFlag
+    from common.infra.shutdown import StopFlag
+    from common.model.registry import Registry
     from publisher.redis_faiss import RedisFaissPublisher
     from serving.watcher import ReleaseWatcher
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.features import FeatureEncoder
-from common.model import TwoTower
-from common.registry import Registry
+from common.model.features import FeatureEncoder
+from common.model.registry import Registry
+from common.model.towers import TwoTower
 from publisher.item_index import DoubleBufferedIndex, IndexStore
 from publisher.redis_users import UserStore, VersionMeta, VersionStateError
 

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from common.registry import Registry, RegistryError
-from common.settings import Settings
+from common.infra.settings import Settings
+from common.model.registry import Registry, RegistryError
 from publisher.base import PublishError
 from publisher.item_index import IndexStore, IndexStoreError
 from publisher.redis_users import UserStore, VersionStateError

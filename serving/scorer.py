@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.bundle import Features
-from common.dataset import Dataset
-from common.scoring import TwoTowerScorer
+from common.data.dataset import Dataset
+from common.evaluation.two_tower import TwoTowerScorer
+from common.model.bundle import Features
 from serving.recall import NotReadyError, RecallService
 
 

@@ -27,16 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.atomic import (
+from common.infra.atomic import (
     fsync_dir,
     npz_bytes,
     sha256_file,
     write_bytes_atomic,
     write_text_atomic,
 )
-from common.bundle import ModelBundle
-from common.freq import FrequencyEstimator
-from common.vocab import IdVocab, VocabError
+from common.model.bundle import ModelBundle
+from common.model.freq import FrequencyEstimator
+from common.model.vocab import IdVocab, VocabError
 from stream.time_index import TimeIndex
 
 log = logging.getLogger(__name__)

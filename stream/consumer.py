@@ -23,14 +23,14 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from common.dataset import Dataset
-from common.events import Events
-from common.kafka_clients import make_consumer, make_producer
-from common.registry import Registry, RegistryError
-from common.settings import Settings
-from common.shutdown import StopFlag
-from common.telemetry import Heartbeat
-from common.training import TrainingDivergedError
+from common.data.dataset import Dataset
+from common.data.events import Events
+from common.infra.kafka_clients import make_consumer, make_producer
+from common.infra.settings import Settings
+from common.infra.shutdown import StopFlag
+from common.infra.telemetry import Heartbeat
+from common.model.registry import Registry, RegistryError
+from common.model.training import TrainingDivergedError
 from publisher.base import Delta, Publisher, PublishError
 from stream.buffer import Buffer
 from stream.checkpoint import (

@@ -6,11 +6,11 @@ import logging
 
 import torch
 
-from common.dataset import Dataset
-from common.kafka_clients import bootstrap_servers, ensure_topics
-from common.settings import Settings
-from common.shutdown import StopFlag
-from common.telemetry import serve_metrics
+from common.data.dataset import Dataset
+from common.infra.kafka_clients import bootstrap_servers, ensure_topics
+from common.infra.settings import Settings
+from common.infra.shutdown import StopFlag
+from common.infra.telemetry import serve_metrics
 from publisher.base import Publisher
 from publisher.files import FilePublisher
 from stream.consumer import TrainerConsumer

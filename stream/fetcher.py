@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 from kafka import TopicPartition
 
-from common.events import Events
-from common.kafka_clients import make_consumer
-from common.settings import KafkaSettings
-from common.wire import decode_batch
+from common.data.events import Events
+from common.data.wire import decode_batch
+from common.infra.kafka_clients import make_consumer
+from common.infra.settings import KafkaSettings
 
 _START_TIMEOUT_S = 60.0
 

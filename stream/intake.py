@@ -1,7 +1,7 @@
 """Decoded records into the trainer's buffer; rejects go to the dead-letter topic.
 
 A dead letter keeps the original bytes and key, with headers naming the reason, its
-kind (``common.wire.reason_kind``, also the rejected counter's label) and where it came
+kind (``common.data.wire.reason_kind``, also the rejected counter's label) and where it came
 from, so it can be inspected and replayed. Dead letters are flushed before the offsets
 that cover them are committed (``flush``).
 """
@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from kafka import KafkaProducer
 
-from common.events import Events
-from common.wire import reason_kind
+from common.data.events import Events
+from common.data.wire import reason_kind
 from stream.fetcher import Fetched, Reject
 from stream.metrics import TrainerMetrics
 

@@ -2,7 +2,7 @@
 
 Consumer group ``lander`` reads the topic, buffers valid events by UTC day and, every
 ``lander_flush_s`` seconds or ``lander_max_rows`` rows, writes one file per (day,
-partition) under ``events/date=YYYY-MM-DD/`` (see ``common.landed``); only when all
+partition) under ``events/date=YYYY-MM-DD/`` (see ``common.data.landed``); only when all
 files of a flush are durable does it commit the offsets they cover.
 
 Exactly once after any crash: a re-read record whose offset lies in a landed file of
@@ -28,10 +28,8 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.atomic import atomic_writer, fsync_dir
-from common.events import format_day
-from common.kafka_clients import bootstrap_servers, ensure_topics, make_consumer, record_lag
-from common.landed import (
+from common.data.events import format_day
+from common.data.landed import (
     SCHEMA,
     LandedIndex,
     day_dir,
@@ -40,10 +38,12 @@ from common.landed import (
     read_event_ids,
     remove_stale_temps,
 )
-from common.settings import Settings
-from common.shutdown import StopFlag
-from common.telemetry import Heartbeat, serve_metrics
-from common.wire import InvalidEventError, WireEvent, decode_event
+from common.data.wire import InvalidEventError, WireEvent, decode_event
+from common.infra.atomic import atomic_writer, fsync_dir
+from common.infra.kafka_clients import bootstrap_servers, ensure_topics, make_consumer, record_lag
+from common.infra.settings import Settings
+from common.infra.shutdown import StopFlag
+from common.infra.telemetry import Heartbeat, serve_metrics
 
 log = logging.getLogger(__name__)
 

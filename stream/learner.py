@@ -2,7 +2,7 @@
 
 Dense layers and side-feature embeddings stay frozen; only the ID rows of the users
 and items in the batch change (new ids enter the vocabulary under its frequency
-rule). Same loss and frequency estimator as the nightly (``common.training``).
+rule). Same loss and frequency estimator as the nightly (``common.model.training``).
 No Kafka or files here: the consumer feeds events in and publishes what comes out.
 """
 
@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from common.bundle import BatchIds, Features, ModelBundle, encode_examples
-from common.dataset import Dataset
-from common.events import Events
-from common.scoring import item_vectors
-from common.settings import Settings, TrainSettings
-from common.training import Trainer, TrainingDivergedError
-from common.vocab import COLD_ROW
+from common.data.dataset import Dataset
+from common.data.events import Events
+from common.infra.settings import Settings, TrainSettings
+from common.model.bundle import BatchIds, Features, ModelBundle, encode_examples
+from common.model.training import Trainer, TrainingDivergedError
+from common.model.vectors import item_vectors
+from common.model.vocab import COLD_ROW
 from publisher.base import Delta, Interactions
 
 _NO_ROWS = np.zeros(0, np.int64)

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from kafka import TopicPartition
 
-from common.kafka_clients import make_consumer
-from common.registry import CorruptVersionError, Registry
-from common.wire import WireEvent, decode_event, to_events
+from common.data.wire import WireEvent, decode_event, to_events
+from common.infra.kafka_clients import make_consumer
+from common.model.registry import CorruptVersionError, Registry
 from publisher.base import Publisher
 from stream.learner import StreamLearner
 

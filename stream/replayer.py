@@ -1,18 +1,18 @@
 """Replay a data set's events into the topic in time order, flat out or paced.
 
 Each event becomes one record: key = user_id (UTF-8), value = the wire JSON of
-``common.wire`` (byte for byte what ``encode_event`` writes), Kafka timestamp = the
+``common.data.wire`` (byte for byte what ``encode_event`` writes), Kafka timestamp = the
 wall-clock time it was handed to the producer, from which freshness is measured
 downstream. The batch is validated once, vectorised, before anything is sent
-(``common.wire.check_events``), so the per-event path only formats JSON and sends it.
+(``common.data.wire.check_events``), so the per-event path only formats JSON and sends it.
 
-The producer is kafka-python's (``common.kafka_clients.make_producer``), with big
+The producer is kafka-python's (``common.infra.kafka_clients.make_producer``), with big
 uncompressed batches; its ``send`` costs ~35 µs of Python a record, so a flat-out replay
 runs at ~26-29k events/s on two cores (300k events, embedded broker). Keys are hashed
 with murmur2 as by the Java client, so a user lands on the same partition whoever
 produced it; the hash is computed once per user, not once per record.
 
->>> from common.events import Events
+>>> from common.data.events import Events
 >>> ev = Events.from_records([{"event_id": "e1", "user_id": "u1", "item_id": "i1",
 ...                            "event_type": "rating", "value": 4.0, "ts_ms": 1_700_000_000_000}])
 >>> check_events(ev)
@@ -38,11 +38,11 @@ from kafka.partitioner.default import DefaultPartitioner
 from kafka.producer.future import FutureRecordMetadata
 from tqdm import tqdm
 
-from common.dataset import Dataset
-from common.events import Events
-from common.kafka_clients import bootstrap_servers, ensure_topics, make_producer
-from common.settings import KafkaSettings, Settings
-from common.wire import InvalidEventError, check_events, encode_values
+from common.data.dataset import Dataset
+from common.data.events import Events
+from common.data.wire import InvalidEventError, check_events, encode_values
+from common.infra.kafka_clients import bootstrap_servers, ensure_topics, make_producer
+from common.infra.settings import KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
-from common.redis_client import redacted
+from common.infra.redis_client import redacted
 
 # Fuzz profiles (tests/test_fuzz_*.py): "ci", the default, is reproducible (derandomized)
 # and quick; HYPOTHESIS_PROFILE=long runs 50x the cases with fresh randomness. Not a
@@ -66,7 +66,7 @@ def kafka_bootstrap(pytestconfig: pytest.Config) -> Iterator[str]:
             _say(pytestconfig, "[broker] testcontainers apache/kafka:3.8.0")
             yield kafka.get_bootstrap_server()
         return
-    from common.broker import EmbeddedBroker
+    from common.infra.broker import EmbeddedBroker
 
     with EmbeddedBroker.start() as broker:
         _say(pytestconfig, f"[broker] embedded tansu on {broker.bootstrap}")
@@ -86,7 +86,7 @@ class RedisServer:
 
     def start(self) -> None:
         """Start the embedded server again on the same port (its data kept on disk)."""
-        from common.redis_server import EmbeddedRedis
+        from common.infra.redis_server import EmbeddedRedis
 
         self.embedded = EmbeddedRedis.start(self.data_dir, port=self.embedded.port)
 
@@ -108,7 +108,7 @@ def redis_server(pytestconfig: pytest.Config,
             _say(pytestconfig, "[redis] testcontainers redis:7.4")
             yield RedisServer(f"redis://{host}:{port}/0")
         return
-    from common.redis_server import EmbeddedRedis
+    from common.infra.redis_server import EmbeddedRedis
 
     data_dir = tmp_path_factory.mktemp("redis")
     server = RedisServer("", EmbeddedRedis.start(data_dir), data_dir)

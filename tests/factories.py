@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.bundle import ModelBundle
-from common.dataset import Dataset
-from common.events import Events
-from common.features import FeatureTable, FieldSpec
-from common.settings import Settings, load_settings
+from common.data.dataset import Dataset
+from common.data.events import Events
+from common.data.tables import FeatureTable, FieldSpec
+from common.infra.settings import Settings, load_settings
+from common.model.bundle import ModelBundle
 
 USER_FIELDS = (FieldSpec("region", "categorical"), FieldSpec("age", "numeric", buckets=4))
 ITEM_FIELDS = (FieldSpec("category", "categorical"), FieldSpec("tags", "multi", max_len=3))

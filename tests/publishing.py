@@ -10,11 +10,11 @@ import torch
 from streaming import SMALL_MODEL
 
 from batch.jobs import bootstrap_job
-from common.bundle import Features
-from common.dataset import Dataset
-from common.registry import Registry
-from common.scoring import item_vectors
-from common.settings import Settings, load_settings
+from common.data.dataset import Dataset
+from common.infra.settings import Settings, load_settings
+from common.model.bundle import Features
+from common.model.registry import Registry
+from common.model.vectors import item_vectors
 from publisher.control import ReleaseControl
 from publisher.redis_faiss import RedisFaissPublisher
 from serving.recall import RecallService

@@ -9,11 +9,11 @@ from pathlib import Path
 from kafka import KafkaProducer
 
 from batch.jobs import bootstrap_job
-from common.dataset import Dataset
-from common.events import Events
-from common.kafka_clients import ensure_topics
-from common.settings import Settings, load_settings
-from common.wire import encode_event
+from common.data.dataset import Dataset
+from common.data.events import Events
+from common.data.wire import encode_event
+from common.infra.kafka_clients import ensure_topics
+from common.infra.settings import Settings, load_settings
 
 SMALL_MODEL = {"RECSTREAM_MODEL_EMBEDDING_DIM": "16", "RECSTREAM_MODEL_FEATURE_DIM": "8",
                "RECSTREAM_MODEL_HIDDEN_DIMS": "32", "RECSTREAM_MODEL_OUTPUT_DIM": "16",

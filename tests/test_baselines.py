@@ -3,9 +3,9 @@
 import numpy as np
 from factories import events_from_rows as _events
 
-from common.baselines import ItemKNNScorer, PopularityScorer, RecentPopularityScorer
-from common.events import DAY_MS
-from common.metrics import top_k
+from common.data.events import DAY_MS
+from common.evaluation.baselines import ItemKNNScorer, PopularityScorer, RecentPopularityScorer
+from common.evaluation.metrics import top_k
 
 CATALOG = np.array(["a", "b", "c", "d", "e"], dtype=object)
 

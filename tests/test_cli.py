@@ -69,7 +69,7 @@ def test_bootstrap_then_nightly_through_the_cli(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from common.registry import Registry
+    from common.model.registry import Registry
 
     monkeypatch.setenv("RECSTREAM_HOME", str(tmp_path))
     assert main(["train", "--bootstrap", "--dataset", "synthetic", "--to", "2024-01-10",

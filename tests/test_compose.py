@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from common.settings import Settings, env_var_names, load_settings
+from common.infra.settings import Settings, env_var_names, load_settings
 from recstream.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from factories import events_from_rows as _events
 
-from common.baselines import PopularityScorer
-from common.evaluate import evaluate_scorer, prequential, prequential_arms, temporal_split
-from common.events import DAY_MS, Events
+from common.data.events import DAY_MS, Events
+from common.evaluation.baselines import PopularityScorer
+from common.evaluation.offline import evaluate_scorer, temporal_split
+from common.evaluation.prequential import prequential, prequential_arms
 
 CATALOG = np.array(["a", "b", "c", "d", "e"], dtype=object)
 

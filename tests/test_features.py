@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from common.features import FeatureEncoder, FeatureTable, FieldSpec
+from common.data.tables import FeatureTable, FieldSpec
+from common.model.features import FeatureEncoder
 
 FIELDS = (FieldSpec("color", "categorical"), FieldSpec("price", "numeric", buckets=2),
           FieldSpec("tags", "multi", max_len=2))

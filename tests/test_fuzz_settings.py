@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.settings import Settings, SettingsError, env_var_names, load_settings
+from common.infra.settings import Settings, SettingsError, env_var_names, load_settings
 
 KNOWN = env_var_names()
 GROUPS = sorted({n.removeprefix("RECSTREAM_").split("_")[0].lower() for n in KNOWN})

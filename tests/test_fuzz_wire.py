@@ -17,8 +17,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from common.events import RATING
-from common.wire import (
+from common.data.events import RATING
+from common.data.wire import (
     DEFAULT_MAX_BYTES,
     EVENT_TYPES,
     MAX_CONTEXT_KEYS,

@@ -17,12 +17,12 @@ from streaming import SMALL_MODEL, produce
 
 from batch.guard import GuardMetrics, PromotionGuard, stream_end_offsets
 from batch.jobs import bootstrap_job, nightly_job
-from common.events import DAY_MS, Events, format_day
-from common.kafka_clients import ensure_topics
-from common.model import TwoTower
-from common.registry import Registry
-from common.settings import Settings, load_settings
-from common.synthetic import SyntheticConfig, SyntheticData, generate
+from common.data.events import DAY_MS, Events, format_day
+from common.data.synthetic import SyntheticConfig, SyntheticData, generate
+from common.infra.kafka_clients import ensure_topics
+from common.infra.settings import Settings, load_settings
+from common.model.registry import Registry
+from common.model.towers import TwoTower
 from publisher.control import ReleaseControl
 
 DAY_INDEX = 3

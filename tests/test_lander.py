@@ -18,9 +18,8 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 import stream.lander as lander_module
-from common.events import DAY_MS, format_day, parse_day
-from common.kafka_clients import ensure_topics, make_consumer, make_producer
-from common.landed import (
+from common.data.events import DAY_MS, format_day, parse_day
+from common.data.landed import (
     day_dir,
     landed_days,
     landed_offsets,
@@ -28,10 +27,11 @@ from common.landed import (
     landed_watermark_ms,
     read_landed_day,
 )
-from common.launcher import free_port, port_answers
-from common.settings import Settings, load_settings
-from common.shutdown import StopFlag
-from common.wire import decode_event, encode_event
+from common.data.wire import decode_event, encode_event
+from common.infra.kafka_clients import ensure_topics, make_consumer, make_producer
+from common.infra.launcher import free_port, port_answers
+from common.infra.settings import Settings, load_settings
+from common.infra.shutdown import StopFlag
 from stream.lander import Lander, LanderStats, run_lander_daemon, write_part
 
 REPO = Path(__file__).resolve().parents[1]

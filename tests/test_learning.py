@@ -10,16 +10,17 @@ from factories import make_dataset, small_settings
 
 from batch.jobs import bootstrap_job, nightly_job
 from batch.trainer import EmptyTrainingDataError, bootstrap, nightly
-from common.baselines import PopularityScorer
-from common.bundle import Features, ModelBundle
-from common.dataset import Dataset
-from common.evaluate import evaluate_scorer, prequential, temporal_split
-from common.events import Events
-from common.registry import Registry
-from common.scoring import TwoTowerScorer
-from common.settings import Settings, load_settings
-from common.synthetic import SyntheticConfig, SyntheticData, generate
-from common.training import Trainer, TrainingDivergedError
+from common.data.dataset import Dataset
+from common.data.events import Events
+from common.data.synthetic import SyntheticConfig, SyntheticData, generate
+from common.evaluation.baselines import PopularityScorer
+from common.evaluation.offline import evaluate_scorer, temporal_split
+from common.evaluation.prequential import prequential
+from common.evaluation.two_tower import TwoTowerScorer
+from common.infra.settings import Settings, load_settings
+from common.model.bundle import Features, ModelBundle
+from common.model.registry import Registry
+from common.model.training import Trainer, TrainingDivergedError
 
 # 20 interest clusters of 50 items each; users click inside their cluster 90% of the time.
 PLANTED = SyntheticConfig(n_users=1000, n_items=1000, n_clusters=20, n_days=8,

@@ -7,7 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from common.metrics import auc, hit_rate_at_k, ndcg_at_k, ranking_metrics, recall_at_k, top_k
+from common.evaluation.metrics import (
+    auc,
+    hit_rate_at_k,
+    ndcg_at_k,
+    ranking_metrics,
+    recall_at_k,
+    top_k,
+)
 
 ROW = np.array([[0.9, 0.1, 0.7, 0.3, 0.5]])  # ranking: 0, 2, 4, 3, 1
 

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from batch.evaluation import DEFAULT_MODELS, format_table, run_offline_eval
-from common.movielens import load_dataset
-from common.settings import load_settings
+from common.data.movielens import load_dataset
+from common.infra.settings import load_settings
 
 
 @pytest.mark.slow

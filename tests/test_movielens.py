@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import movielens
-from common.dataset import Dataset
-from common.movielens import (
+from common.data import movielens
+from common.data.dataset import Dataset
+from common.data.movielens import (
     DataFetchError,
     DataFormatError,
     fetch_ml100k,
@@ -18,7 +18,7 @@ from common.movielens import (
     load_grouplens,
     load_recbole_ml100k,
 )
-from common.settings import load_settings
+from common.infra.settings import load_settings
 
 # Three users, four films, five ratings, written out in every format below.
 RATINGS = [("1", "10", 5, 881250949), ("2", "10", 3, 881250900), ("1", "20", 4, 881250949),

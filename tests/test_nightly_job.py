@@ -12,11 +12,11 @@ from publishing import control_for, publish_env, released_champion
 
 from batch.metrics import NightlyMetrics
 from batch.nightly import NightlyJob, pending_days
-from common.events import DAY_MS, format_day
-from common.registry import Registry
-from common.settings import Settings, load_settings
-from common.synthetic import SyntheticConfig, SyntheticData, generate
-from common.wire import decode_event, encode_event
+from common.data.events import DAY_MS, format_day
+from common.data.synthetic import SyntheticConfig, SyntheticData, generate
+from common.data.wire import decode_event, encode_event
+from common.infra.settings import Settings, load_settings
+from common.model.registry import Registry
 from recstream.cli import main
 from stream.lander import write_part
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from streaming import bootstrap_champion, stream_env
 
-from common.events import format_day
-from common.registry import Registry
-from common.settings import load_settings
-from common.synthetic import SyntheticConfig, generate
-from common.wire import decode_event, encode_event
+from common.data.events import format_day
+from common.data.synthetic import SyntheticConfig, generate
+from common.data.wire import decode_event, encode_event
+from common.infra.settings import load_settings
+from common.model.registry import Registry
 from recstream.cli import main
 from stream.lander import write_part
 

@@ -21,12 +21,12 @@ from publishing import control_for, publish_env, released_champion
 from streaming import SMALL_MODEL, produce, wait_for
 from test_dashboards import DASHBOARDS, queries
 
-from common.events import DAY_MS
-from common.kafka_clients import ensure_topics
-from common.launcher import free_port, stop_pid, wait_for_port
-from common.registry import Registry
-from common.settings import load_settings
-from common.synthetic import SyntheticConfig, generate
+from common.data.events import DAY_MS
+from common.data.synthetic import SyntheticConfig, generate
+from common.infra.kafka_clients import ensure_topics
+from common.infra.launcher import free_port, stop_pid, wait_for_port
+from common.infra.settings import load_settings
+from common.model.registry import Registry
 from recstream.daemons import LANDER_PORT, TRAINER_PORT, Daemon
 
 PROMETHEUS = next((p for p in (os.environ.get("PROMETHEUS_BIN"), shutil.which("prometheus"))

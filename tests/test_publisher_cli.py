@@ -14,13 +14,13 @@ import redis
 from publishing import control_for, publish_env
 
 from batch.jobs import bootstrap_job
-from common.bundle import ModelBundle
-from common.dataset import Dataset
-from common.events import DAY_MS
-from common.movielens import load_dataset
-from common.redis_server import home_redis
-from common.registry import Registry
-from common.settings import Settings, load_settings
+from common.data.dataset import Dataset
+from common.data.events import DAY_MS
+from common.data.movielens import load_dataset
+from common.infra.redis_server import home_redis
+from common.infra.settings import Settings, load_settings
+from common.model.bundle import ModelBundle
+from common.model.registry import Registry
 from recstream.cli import EXIT_FAILED, EXIT_USAGE, main
 
 GATE = "recall@50"

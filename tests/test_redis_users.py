@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.redis_client import connect
-from common.settings import Settings, load_settings
+from common.infra.redis_client import connect
+from common.infra.settings import Settings, load_settings
 from publisher.base import PublishError
 from publisher.redis_users import COMPLETE, WRITING, UserStore, VersionStateError
 
@@ -161,7 +161,7 @@ def test_wrong_width_is_refused(store: UserStore) -> None:
 
 
 def test_unreachable_redis_raises_publish_error(prefix: str) -> None:
-    from common.launcher import free_port
+    from common.infra.launcher import free_port
 
     s = _settings(f"redis://127.0.0.1:{free_port()}/0", prefix, socket_timeout_s="0.5")
     with pytest.raises(PublishError, match="redis"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from factories import make_bundle
 
-from common.registry import CorruptVersionError, Registry, RegistryError, VersionNotFoundError
+from common.model.registry import CorruptVersionError, Registry, RegistryError, VersionNotFoundError
 
 
 def _register(reg: Registry, parent: str | None = None, cutoff: int = 1000) -> str:
@@ -125,7 +125,7 @@ def test_failed_registration_leaves_no_version(tmp_path: Path,
     def disk_full(**_: object) -> bytes:  # fails after weights and vocabularies are written
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("common.registry.npz_bytes", disk_full)
+    monkeypatch.setattr("common.model.registry.npz_bytes", disk_full)
     with pytest.raises(OSError, match="No space"):
         _register(reg)
     assert reg.versions() == []

@@ -23,9 +23,9 @@ from streaming import stream_settings
 from test_fuzz_wire import FEWER, near_valid_records, records
 from test_wire import GOOD, _raw
 
-import common.wire as wire
-from common.events import Events
-from common.wire import (
+import common.data.wire as wire
+from common.data.events import Events
+from common.data.wire import (
     REJECT_KINDS,
     UNKNOWN_KIND,
     InvalidEventError,

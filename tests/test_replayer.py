@@ -12,12 +12,12 @@ import pytest
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from common.dataset import Dataset
-from common.events import DAY_MS, Events, parse_day
-from common.kafka_clients import make_consumer
-from common.settings import Settings, load_settings
-from common.synthetic import SyntheticConfig, generate
-from common.wire import InvalidEventError, decode_event, encode_event
+from common.data.dataset import Dataset
+from common.data.events import DAY_MS, Events, parse_day
+from common.data.synthetic import SyntheticConfig, generate
+from common.data.wire import InvalidEventError, decode_event, encode_event
+from common.infra.kafka_clients import make_consumer
+from common.infra.settings import Settings, load_settings
 from recstream.cli import EXIT_USAGE, main
 from stream.replayer import check_events, encode_values, replay
 

@@ -9,7 +9,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.settings import load_settings
+from common.infra.settings import load_settings
 from publisher import resp
 from publisher.base import PublishError
 from publisher.redis_users import Layout, UserStore, buckets_of

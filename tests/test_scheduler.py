@@ -20,14 +20,14 @@ from test_nightly_job import day_ms_of, land_day, nightly_env, world  # noqa: F4
 
 from batch.metrics import NightlyMetrics
 from batch.scheduler import LockHeldError, NightlyScheduler, RunLock
-from common.events import DAY_MS
-from common.kafka_clients import ensure_topics
-from common.launcher import free_port
-from common.redis_client import connect
-from common.registry import Registry
-from common.settings import load_settings
-from common.shutdown import StopFlag
-from common.synthetic import SyntheticData
+from common.data.events import DAY_MS
+from common.data.synthetic import SyntheticData
+from common.infra.kafka_clients import ensure_topics
+from common.infra.launcher import free_port
+from common.infra.redis_client import connect
+from common.infra.settings import load_settings
+from common.infra.shutdown import StopFlag
+from common.model.registry import Registry
 from recstream.cli import main
 
 

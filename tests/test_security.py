@@ -17,11 +17,11 @@ import redis
 import torch
 from factories import make_bundle
 
-from common.kafka_clients import _common
-from common.redis_client import connect
-from common.registry import CorruptVersionError, Registry
-from common.settings import Settings, SettingsError, load_settings
-from common.wire import InvalidEventError, decode_event, encode_event
+from common.data.wire import InvalidEventError, decode_event, encode_event
+from common.infra.kafka_clients import _common
+from common.infra.redis_client import connect
+from common.infra.settings import Settings, SettingsError, load_settings
+from common.model.registry import CorruptVersionError, Registry
 from serving.app import BadRequestError, parse_recall
 
 SECRET = "S3cr3t-hunter2-do-not-print"

@@ -13,8 +13,8 @@ from pathlib import Path
 from publishing import publish_env, publish_settings, released_champion
 from streaming import wait_for
 
-from common.launcher import free_port
-from common.synthetic import SyntheticConfig, generate
+from common.data.synthetic import SyntheticConfig, generate
+from common.infra.launcher import free_port
 
 
 def _get(url: str) -> tuple[int, dict]:

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from publishing import exact_answer, publish_settings, released_champion, service_for
 
-from common.dataset import Dataset
-from common.registry import Registry
-from common.settings import Settings
-from common.synthetic import SyntheticConfig, generate
+from common.data.dataset import Dataset
+from common.data.synthetic import SyntheticConfig, generate
+from common.infra.settings import Settings
+from common.model.registry import Registry
 from publisher.base import Delta, Interactions
 from publisher.redis_faiss import RedisFaissPublisher
 from serving.app import serve_http

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from publishing import publish_settings, published_item_vectors, released_champion, service_for
 
-from common.registry import Registry
-from common.synthetic import SyntheticConfig, generate
+from common.data.synthetic import SyntheticConfig, generate
+from common.model.registry import Registry
 from serving.recall import wait_until_serving
 
 K = 100

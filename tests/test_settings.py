@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from common.settings import SettingsError, env_var_names, load_settings
+from common.infra.settings import SettingsError, env_var_names, load_settings
 
 
 def test_defaults_need_no_environment() -> None:

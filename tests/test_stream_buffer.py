@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import stream.buffer as buffer_module
-from common.events import Events
+from common.data.events import Events
 from stream.buffer import Buffer
 from stream.intake import Chunk
 

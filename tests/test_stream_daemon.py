@@ -14,8 +14,8 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from streaming import bootstrap_champion, produce, stream_env, stream_settings, wait_for
 
-from common.launcher import free_port, pid_alive
-from common.synthetic import SyntheticConfig, generate
+from common.data.synthetic import SyntheticConfig, generate
+from common.infra.launcher import free_port, pid_alive
 from recstream.cli import main
 from stream.checkpoint import load_checkpoint
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from streaming import bootstrap_champion, produce, stream_settings, wait_for
 
-from common.bundle import Features, ModelBundle
-from common.evaluate import prequential
-from common.events import DAY_MS, Events
-from common.registry import Registry
-from common.scoring import TwoTowerScorer
-from common.shutdown import StopFlag
-from common.synthetic import SyntheticConfig, generate
+from common.data.events import DAY_MS, Events
+from common.data.synthetic import SyntheticConfig, generate
+from common.evaluation.prequential import prequential
+from common.evaluation.two_tower import TwoTowerScorer
+from common.infra.shutdown import StopFlag
+from common.model.bundle import Features, ModelBundle
+from common.model.registry import Registry
 from publisher.files import FilePublisher
 from stream.consumer import TrainerConsumer
 

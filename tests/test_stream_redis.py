@@ -21,8 +21,8 @@ from streaming import produce, stream_settings, wait_for
 from test_stream_trainer import Running, _committed, _day
 
 from batch.jobs import nightly_job
-from common.settings import Settings
-from common.synthetic import SyntheticConfig, SyntheticData, generate
+from common.data.synthetic import SyntheticConfig, SyntheticData, generate
+from common.infra.settings import Settings
 from publisher.redis_faiss import RedisFaissPublisher
 from serving.watcher import ReleaseWatcher
 from stream.consumer import TrainerConsumer

@@ -15,11 +15,11 @@ from streaming import bootstrap_champion, produce, stream_settings, wait_for
 
 import stream.consumer as consumer_module
 from batch.jobs import nightly_job
-from common.events import Events
-from common.registry import Registry
-from common.settings import Settings
-from common.shutdown import StopFlag
-from common.synthetic import SyntheticConfig, SyntheticData, generate
+from common.data.events import Events
+from common.data.synthetic import SyntheticConfig, SyntheticData, generate
+from common.infra.settings import Settings
+from common.infra.shutdown import StopFlag
+from common.model.registry import Registry
 from publisher.base import Delta, PublishError
 from publisher.files import FilePublisher
 from stream.checkpoint import load_checkpoint

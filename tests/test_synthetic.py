@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from common.events import DAY_MS
-from common.synthetic import SyntheticConfig, SyntheticData, generate
+from common.data.events import DAY_MS
+from common.data.synthetic import SyntheticConfig, SyntheticData, generate
 
 CONFIG = SyntheticConfig(n_users=1000, n_items=500, n_clusters=8, n_days=6,
                          events_per_day=4000, new_users_per_day=0.05, new_items_per_day=0.05,

@@ -8,8 +8,8 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from common.launcher import free_port
-from common.telemetry import Heartbeat, serve_metrics
+from common.infra.launcher import free_port
+from common.infra.telemetry import Heartbeat, serve_metrics
 
 
 def _get(port: int, path: str) -> tuple[int, str]:

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from factories import make_bundle, make_dataset, small_settings
 
-from common.bundle import Features, encode_examples
-from common.freq import FrequencyEstimator
-from common.losses import inbatch_softmax_loss
-from common.training import Trainer, TrainingDivergedError
+from common.model.bundle import Features, encode_examples
+from common.model.freq import FrequencyEstimator
+from common.model.losses import inbatch_softmax_loss
+from common.model.training import Trainer, TrainingDivergedError
 
 ID_KEYS = ("user.ids.weight", "user.ids.accum", "item.ids.weight", "item.ids.accum")
 

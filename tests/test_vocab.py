@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.vocab import COLD_ROW, IdVocab, VocabError
+from common.model.vocab import COLD_ROW, IdVocab, VocabError
 
 
 def test_ids_below_min_count_share_the_cold_row() -> None:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from streaming import SMALL_MODEL
 
-from common.registry import Registry
-from common.settings import load_settings
+from common.infra.settings import load_settings
+from common.model.registry import Registry
 from publisher.control import ReleaseControl
 from publisher.redis_faiss import RedisFaissPublisher
 from recstream.demo import run_demo

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.wire import (
+from common.data.wire import (
     MAX_ID_CHARS,
     InvalidEventError,
     WireEvent,

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_wire import GOOD, TS, _raw
 
-from common.events import COLUMNS, Events
-from common.wire import (
+from common.data.events import COLUMNS, Events
+from common.data.wire import (
     InvalidEventError,
     WireEvent,
     decode_batch,

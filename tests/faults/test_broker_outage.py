@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from streaming import bootstrap_champion, produce, stream_env, stream_settings, wait_for
 
-from common.broker import EmbeddedBroker
-from common.events import DAY_MS, format_day
-from common.landed import landed_parts, read_landed_day
-from common.synthetic import SyntheticConfig, generate
+from common.data.events import DAY_MS, format_day
+from common.data.landed import landed_parts, read_landed_day
+from common.data.synthetic import SyntheticConfig, generate
+from common.infra.broker import EmbeddedBroker
 from recstream.daemons import lander, trainer
 from recstream.demo_report import gauge
 

@@ -24,11 +24,11 @@ from streaming import bootstrap_champion, produce, stream_env, stream_settings, 
 from test_nightly_job import day_ms_of, land_day, nightly_env, world  # noqa: F401
 
 from batch.nightly import NightlyJob
-from common.events import DAY_MS, format_day
-from common.landed import landed_parts, read_landed_day
-from common.registry import Registry
-from common.settings import load_settings
-from common.synthetic import SyntheticData
+from common.data.events import DAY_MS, format_day
+from common.data.landed import landed_parts, read_landed_day
+from common.data.synthetic import SyntheticData
+from common.infra.settings import load_settings
+from common.model.registry import Registry
 from recstream.daemons import lander, trainer
 from stream.checkpoint import load_checkpoint
 

@@ -12,10 +12,10 @@ from test_nightly_job import day_ms_of, land_day, nightly_env, world  # noqa: F4
 
 from batch.metrics import NightlyMetrics
 from batch.nightly import NightlyJob
-from common.events import DAY_MS, format_day
-from common.registry import Registry
-from common.settings import load_settings
-from common.synthetic import SyntheticData
+from common.data.events import DAY_MS, format_day
+from common.data.synthetic import SyntheticData
+from common.infra.settings import load_settings
+from common.model.registry import Registry
 from stream.learner import StreamLearner, stream_train_settings
 
 

@@ -26,9 +26,9 @@ from test_lander import (
     wait_until,
 )
 
-from common.kafka_clients import ensure_topics
-from common.landed import landed_parts
-from common.settings import Settings, load_settings
+from common.data.landed import landed_parts
+from common.infra.kafka_clients import ensure_topics
+from common.infra.settings import Settings, load_settings
 
 
 class LanderProcesses:

@@ -20,15 +20,15 @@ from publishing import (
 )
 
 from batch.jobs import nightly_job
-from common.synthetic import SyntheticConfig, generate
+from common.data.synthetic import SyntheticConfig, generate
 from publisher.redis_users import WRITING, VersionStateError
 from serving.recall import wait_until_serving
 
 # The child publishes for real and SIGKILLs itself after writing half of the users.
 _KILL_MID_PUBLISH = """
 import os, signal, sys
-from common.settings import load_settings
-from common.synthetic import SyntheticConfig, generate
+from common.infra.settings import load_settings
+from common.data.synthetic import SyntheticConfig, generate
 from publisher.control import ReleaseControl
 from publisher.redis_faiss import RedisFaissPublisher
 from publisher.redis_users import UserStore

@@ -15,7 +15,7 @@ import pytest
 from publishing import publish_env, publish_settings, released_champion
 from streaming import wait_for
 
-from common.synthetic import SyntheticConfig, generate
+from common.data.synthetic import SyntheticConfig, generate
 from recstream.daemons import Daemon
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from publishing import control_for, released_champion
 from test_nightly_job import day_ms_of, land_day, nightly_env, world  # noqa: F401
 
-from common.events import format_day
-from common.registry import Registry, RegistryError
-from common.settings import Settings, load_settings
-from common.synthetic import SyntheticData
+from common.data.events import format_day
+from common.data.synthetic import SyntheticData
+from common.infra.settings import Settings, load_settings
+from common.model.registry import Registry, RegistryError
 from publisher.redis_users import COMPLETE
 
 # Killed during the step after the one named (the job prints a line as each step ends).

@@ -18,7 +18,7 @@ import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from streaming import bootstrap_champion, produce, stream_env, stream_settings, wait_for
 
-from common.synthetic import SyntheticConfig, generate
+from common.data.synthetic import SyntheticConfig, generate
 from publisher.files import FilePublisher
 
 BATCH = 250

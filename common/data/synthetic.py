@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.dataset import Dataset
-from common.events import CLICK, DAY_MS, RATING, Events, parse_day
-from common.features import FeatureTable, FieldSpec
+from common.data.dataset import Dataset
+from common.data.events import CLICK, DAY_MS, RATING, Events, parse_day
+from common.data.tables import FeatureTable, FieldSpec
 
 USER_FIELDS = (FieldSpec("region", "categorical"), FieldSpec("age", "numeric", buckets=6))
 ITEM_FIELDS = (

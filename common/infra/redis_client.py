@@ -12,8 +12,8 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from common.redis_server import home_redis
-from common.settings import Settings
+from common.infra.redis_server import home_redis
+from common.infra.settings import Settings
 
 RedisClient = redis.Redis | RedisCluster
 

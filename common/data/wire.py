@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from orjson import loads as _loads  # ~4x faster than json.loads on a record
 
-from common.events import CLICK, RATING, Events
+from common.data.events import CLICK, RATING, Events
 
 IMPRESSION = "impression"
 # Impressions are valid and landed, but never a negative and never trained on.

@@ -15,8 +15,8 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import Gauge
 
-from common.broker import ensure_broker
-from common.settings import KafkaSettings, Settings
+from common.infra.broker import ensure_broker
+from common.infra.settings import KafkaSettings, Settings
 
 
 def bootstrap_servers(settings: Settings) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common.launcher import LaunchError, RecordedServer, ServerProcess, free_port, launch
+from common.infra.launcher import LaunchError, RecordedServer, ServerProcess, free_port, launch
 
 
 class RedisServerError(LaunchError):

@@ -11,9 +11,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.bundle import Examples, Features, ModelBundle
-from common.losses import inbatch_softmax_loss, pointwise_bce_loss
-from common.settings import TrainSettings
+from common.infra.settings import TrainSettings
+from common.model.bundle import Examples, Features, ModelBundle
+from common.model.losses import inbatch_softmax_loss, pointwise_bce_loss
 
 Mode = Literal["full", "embedding"]
 _SAMPLER_REFRESH_STEPS = 100

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from common.launcher import LaunchError, RecordedServer, ServerProcess, free_port, launch
+from common.infra.launcher import LaunchError, RecordedServer, ServerProcess, free_port, launch
 
 
 class BrokerError(LaunchError):

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic import write_bytes_atomic
-from common.dataset import Dataset
-from common.events import RATING, Events
-from common.features import FeatureTable, FieldSpec
-from common.synthetic import SyntheticConfig, generate
+from common.data.dataset import Dataset
+from common.data.events import RATING, Events
+from common.data.synthetic import SyntheticConfig, generate
+from common.data.tables import FeatureTable, FieldSpec
+from common.infra.atomic import write_bytes_atomic
 
 RECBOLE_SPEC = "recbole==1.2.1"
 RECBOLE_DIR = "recbole/dataset_example/ml-100k/"

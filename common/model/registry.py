@@ -29,18 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.atomic import (
+from common.infra.atomic import (
     fsync_dir,
     npz_bytes,
     sha256_file,
     write_bytes_atomic,
     write_text_atomic,
 )
-from common.bundle import ModelBundle
-from common.features import FeatureEncoder
-from common.freq import FrequencyEstimator
-from common.model import TwoTower, TwoTowerConfig
-from common.vocab import IdVocab, VocabError
+from common.model.bundle import ModelBundle
+from common.model.features import FeatureEncoder
+from common.model.freq import FrequencyEstimator
+from common.model.towers import TwoTower, TwoTowerConfig
+from common.model.vocab import IdVocab, VocabError
 
 ALIASES = ("champion", "previous")
 _FILES = ("weights.pt", "model.json", "user_vocab.npz", "item_vocab.npz", "encoders.json",

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.events import Events
-from common.features import EncodedFeatures, FeatureEncoder, FeatureTable
-from common.freq import FrequencyEstimator, stable_hash
-from common.model import TwoTower, TwoTowerConfig
-from common.settings import ModelSettings
-from common.vocab import Distinct, IdVocab
+from common.data.events import Events
+from common.data.tables import FeatureTable
+from common.infra.settings import ModelSettings
+from common.model.features import EncodedFeatures, FeatureEncoder
+from common.model.freq import FrequencyEstimator, stable_hash
+from common.model.towers import TwoTower, TwoTowerConfig
+from common.model.vocab import Distinct, IdVocab
 
 
 @dataclass

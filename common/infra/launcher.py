@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from common.atomic import write_text_atomic
+from common.infra.atomic import write_text_atomic
 
 
 class LaunchError(RuntimeError):

@@ -1,51 +1,20 @@
-"""Vectors from a trained bundle, and a ``Scorer`` over a catalogue for evaluation.
+"""The two-tower model as a ``Scorer`` over a catalogue, for offline and prequential evaluation.
 
-Serving ranks by the plain cosine; the logQ correction is a training device only.
+It ranks by the plain cosine of ``common.model.vectors``, as serving does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from common.bundle import Features, ModelBundle, encode_examples
-from common.dataset import Dataset
-from common.events import Events
-from common.model import Tower
-from common.registry import Registry
-from common.training import Trainer
-
-_CHUNK = 65_536
-
-
-@torch.no_grad()
-def user_vectors(bundle: ModelBundle, features: Features, user_ids: Sequence[str]) -> torch.Tensor:
-    """Unit user vectors; unknown users get the cold row plus their side features."""
-    rows = torch.from_numpy(bundle.user_vocab.lookup(user_ids))
-    feat = torch.from_numpy(features.users.rows(user_ids))
-    return _encode(bundle.model.user, rows, feat, features.users.gather)
-
-
-@torch.no_grad()
-def item_vectors(bundle: ModelBundle, features: Features, item_ids: Sequence[str]) -> torch.Tensor:
-    """Unit item vectors; unknown items get the cold row plus their side features."""
-    rows = torch.from_numpy(bundle.item_vocab.lookup(item_ids))
-    feat = torch.from_numpy(features.items.rows(item_ids))
-    return _encode(bundle.model.item, rows, feat, features.items.gather)
-
-
-def _encode(tower: Tower, rows: torch.Tensor, feat: torch.Tensor,
-            gather: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
-            ) -> torch.Tensor:
-    parts = []
-    for lo in range(0, len(rows), _CHUNK):
-        cat, multi = gather(feat[lo: lo + _CHUNK])
-        parts.append(tower.encode(rows[lo: lo + _CHUNK], cat, multi))
-    if not parts:
-        return torch.zeros(0, tower.mlp[-1].out_features)
-    return torch.cat(parts)
+from common.data.dataset import Dataset
+from common.data.events import Events
+from common.model.bundle import Features, ModelBundle, encode_examples
+from common.model.registry import Registry
+from common.model.training import Trainer
+from common.model.vectors import item_vectors, user_vectors
 
 
 class TwoTowerScorer:

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from common.events import DAY_MS, Events
-from common.metrics import top_k
+from common.data.events import DAY_MS, Events
+from common.evaluation.metrics import top_k
 
 # Rows of the dense item block built per similarity step are capped so that the
 # block (n_users x block) stays around 64 MiB of float32.
