@@ -23,8 +23,9 @@ import json
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -34,15 +35,13 @@ from common.infra.redis_client import RedisClient
 from common.infra.settings import RedisSettings
 from common.model.freq import stable_hash
 from publisher.base import PublishError
-from publisher.resp import Commands, arg, args, execute
+from publisher.resp import Commands, execute
+from publisher.resp_bulk import Groups, RememberedArgs, hset_rows, zadd_gt
 
 WRITING, COMPLETE = "writing", "complete"
 _TRIM_EVERY = 8
-_HSET, _ZADD, _GT, _ZREMRANGEBYRANK = map(arg, (b"HSET", b"ZADD", b"GT", b"ZREMRANGEBYRANK"))
 _BUCKETS_REMEMBERED = 2_000_000  # users whose bucket is kept (~200 MB at most)
 _MEMBERS_REMEMBERED = 1_000_000  # seen items' encoded ids kept (~100 MB at most)
-_TRIM = b"*4\r\n" + _ZREMRANGEBYRANK  # a trim's header and name; its key and range follow
-_TABLE_MAX = 1024  # values formatted through a table below this, else each distinct one
 
 
 class VersionStateError(RuntimeError):
@@ -141,7 +140,7 @@ class UserStore:
         self.r, self.rs, self.keys = client, rs, Layout(rs.prefix)
         self._seen_calls = 0
         self._buckets: tuple[int, dict[str, int]] = (0, {})  # bucket count, user -> bucket
-        self._members: dict[str, bytes] = {}  # item id -> its RESP argument
+        self._members = RememberedArgs(_MEMBERS_REMEMBERED)  # item id -> its RESP argument
 
     # -- versions ---------------------------------------------------------------------
 
@@ -201,38 +200,17 @@ class UserStore:
         if vectors.shape[1:] != (meta.dim,):
             raise PublishError(f"vectors of width {vectors.shape[1:]} for version {version} "
                                f"of dim {meta.dim}")
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = list(user_ids)
         feats = None if features is None else np.ascontiguousarray(features, dtype=np.int32)
-        for commands in self._hset_batches(meta, list(user_ids), vectors, feats):
-            self._execute(commands)
-
-    def _hset_batches(self, meta: VersionMeta, ids: list[str], vectors: np.ndarray,
-                      feats: np.ndarray | None) -> Iterator[Commands]:
-        """One HSET per bucket (and one more of features), rows in the order given;
-        sent once the commands hold ``pipeline_fields`` users or more."""
-        buckets = self._buckets_of(ids, meta.buckets)
-        order = np.argsort(buckets, kind="stable")
-        bucket_of = buckets[order]
-        starts = np.flatnonzero(np.r_[True, bucket_of[1:] != bucket_of[:-1]])
-        rows = np.diff(np.r_[starts, len(order)])
-        # A field is two pieces, its head and the user, and its value's piece opens
-        # with the field's CRLF: no formatting per user.
-        names = list(map(str.encode, ids))
-        sizes = np.fromiter(map(len, names), np.int64, len(names))
-        fields = (_formatted(sizes, lambda n: b"$%d\r\n" % n)[order], _objects(names)[order])
-        hashes = [(self.keys.emb, _values(vectors, b"\r\n")[order])]
+        # One HSET per bucket, and one more of features when the rows have any; sent
+        # once the commands hold pipeline_fields users or more.
+        hashes = [(partial(self.keys.emb, version),
+                   np.ascontiguousarray(vectors, dtype=np.float32))]
         if feats is not None and feats.shape[1]:
-            hashes.append((self.keys.feat, _values(feats, b"\r\n")[order]))
-        slots = len(hashes) * (1 + 3 * rows)
-        pieces = np.empty(int(slots.sum()), object)
-        first = np.cumsum(slots) - slots
-        for h, (key_of, values) in enumerate(hashes):
-            heads = [b"*%d\r\n%b%b" % (2 + 2 * n, _HSET, arg(key_of(meta.version, b).encode()))
-                     for b, n in zip(bucket_of[starts].tolist(), rows.tolist(), strict=True)]
-            _place(pieces, first + h * (1 + 3 * rows), [_objects(heads)], _ranked(rows),
-                   *fields, values)
-        layout = _Layout(slots, np.full(len(rows), len(hashes)), len(hashes) * (2 + 2 * rows))
-        yield from _batches(pieces, layout, rows, self.rs.pipeline_fields)
+            hashes.append((partial(self.keys.feat, version), feats))
+        for commands in hset_rows(ids, self._buckets_of(ids, meta.buckets), hashes,
+                                  self.rs.pipeline_fields):
+            self._execute(commands)
 
     def _buckets_of(self, ids: list[str], buckets: int) -> np.ndarray:
         """``buckets_of``, remembered: the stream writes the same users step after step,
@@ -297,60 +275,21 @@ class UserStore:
         ``_TRIM_EVERY``: a set may exceed the cap by what a few deltas add.
 
         One ZADD GT per user with all its interactions: a member given twice keeps the
-        later time, as separate ZADDs would. The commands are packed with numpy, a few
+        later time, as separate ZADDs would. ``resp_bulk`` packs the commands in a few
         C-level passes over the events and the users rather than Python per event."""
         if self.rs.seen_max == 0 or not len(user_ids):
             return
         if not len(user_ids) == len(item_ids) == len(ts_ms):
             raise ValueError("user_ids, item_ids and ts_ms differ in length")
-        users = _Groups.of(user_ids)
-        members = _objects(self._members_of(item_ids))[users.order]
-        scores = _objects(_scores(ts_ms))[users.order]
+        users = Groups.of(user_ids)
         self._seen_calls += 1
-        for commands in self._zadd_batches(users, scores, members):
-            self._execute(commands)
-
-    def _members_of(self, item_ids: Sequence[str]) -> list[bytes]:
-        """Each item's RESP argument, remembered (the catalogue recurs step after step)."""
-        if len(self._members) > _MEMBERS_REMEMBERED:
-            self._members = {}
-        known = self._members
-        try:
-            return list(map(known.__getitem__, item_ids))
-        except KeyError:
-            new = [i for i in dict.fromkeys(item_ids) if i not in known]
-            known.update(zip(new, args(list(map(str.encode, new))), strict=True))
-            return list(map(known.__getitem__, item_ids))
-
-    def _zadd_batches(self, users: _Groups, scores: np.ndarray,
-                      members: np.ndarray) -> Iterator[Commands]:
-        """Each user's ZADD GT of its (score, member) pairs, then its trim if due; sent
-        once the commands hold ``2 * pipeline_fields`` arguments or more."""
-        encoded = list(map(str.encode, users.keys))
         cap, turn = self.rs.seen_max, self._seen_calls % _TRIM_EVERY
-        crc = np.fromiter(map(zlib.crc32, encoded), np.int64, len(encoded))
+        crc = np.fromiter(map(zlib.crc32, users.keys), np.int64, len(users.keys))
         trim = (users.counts >= cap) | (crc % _TRIM_EVERY == turn)
-        # A command opens with a piece formatted once per (argument count, key size): its
-        # header, its name and its key up to the user; the user and the rest follow.
-        before, _, after = self.keys.seen("\0").encode().rpartition(b"\0")
-        key_size = np.fromiter(map(len, encoded), np.int64, len(encoded)) + len(before + after)
-        zadd_args, wide = 3 + 2 * users.counts, int(key_size.max()) + 1
-        opens = _formatted(zadd_args * wide + key_size, lambda c: b"*%d\r\n%b$%d\r\n%b" % (
-            c // wide, _ZADD, c % wide, before))
-        names = _objects(encoded)
-        slots = 3 + 2 * users.counts + 3 * trim
-        pieces = np.empty(int(slots.sum()), object)
-        ends = np.cumsum(slots)
-        _place(pieces, ends - slots, [opens, names, after + b"\r\n" + _GT],
-               _ranked(users.counts), scores, members)
-        trimmed = ends[trim]
-        pieces[trimmed - 3] = _formatted(key_size[trim], lambda n: b"%b$%d\r\n%b" % (
-            _TRIM, n, before))
-        pieces[trimmed - 2] = names[trim]
-        pieces[trimmed - 1] = after + b"\r\n" + arg(b"0") + arg(b"%d" % (-cap - 1))
-        n_args = zadd_args + 4 * trim
-        layout = _Layout(slots, 1 + trim.astype(np.int64), n_args)
-        yield from _batches(pieces, layout, n_args, 2 * self.rs.pipeline_fields)
+        # Sent once the commands hold 2 * pipeline_fields arguments or more.
+        for commands in zadd_gt(self.keys.seen, users, ts_ms, self._members(item_ids), trim,
+                                cap, 2 * self.rs.pipeline_fields):
+            self._execute(commands)
 
     def seen(self, user_id: str) -> list[str]:
         return [m.decode() for m in self._call(self.r.zrange, self.keys.seen(user_id), 0, -1)]
@@ -426,120 +365,3 @@ class UserStore:
                 return p.execute()
         except redis.RedisError as exc:
             raise PublishError(f"redis: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class _Groups:
-    """Events grouped by key: the keys in order of first appearance, the event indices
-    grouped (in their order within a group) and each group's size."""
-
-    keys: list[str]
-    order: np.ndarray  # int [events]
-    counts: np.ndarray  # int64 [groups]
-
-    @classmethod
-    def of(cls, keys: Sequence[str]) -> _Groups:
-        """Group by ``keys``: one dict pass and a stable sort, no Python per event."""
-        n = len(keys)
-        first = dict(zip(reversed(keys), range(n - 1, -1, -1), strict=True))  # earliest wins
-        label = np.fromiter(map(first.__getitem__, keys), np.int64, n)
-        order = np.argsort(label, kind="stable")
-        grouped = label[order]
-        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
-        return cls(list(map(keys.__getitem__, grouped[starts].tolist())), order,
-                   np.diff(np.r_[starts, n]))
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Commands laid out in ``pieces`` group after group (a group: a user, a bucket)."""
-
-    slots: np.ndarray  # pieces of each group
-    commands: np.ndarray  # commands of each group
-    args: np.ndarray  # arguments of each group's commands
-
-
-def _batches(pieces: np.ndarray, layout: _Layout, weight: np.ndarray,
-             limit: int) -> Iterator[Commands]:
-    """Whole groups' commands, sent once their ``weight`` reaches ``limit``."""
-    ends, commands, n_args, total = (np.r_[0, np.cumsum(a)] for a in (
-        layout.slots, layout.commands, layout.args, weight))
-    lo, groups = 0, len(weight)
-    while lo < groups:
-        hi = min(int(np.searchsorted(total, total[lo] + limit)), groups)
-        batch = Commands()
-        batch.add_packed(int(commands[hi] - commands[lo]), int(n_args[hi] - n_args[lo]),
-                         b"".join(pieces[ends[lo]:ends[hi]].tolist()))
-        yield batch
-        lo = hi
-
-
-def _ranked(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For items grouped by ``counts``: each item's group and its rank in the group."""
-    group = np.repeat(np.arange(len(counts)), counts)
-    return group, np.arange(len(group)) - (np.cumsum(counts) - counts)[group]
-
-
-def _place(pieces: np.ndarray, first: np.ndarray, head: list[bytes | np.ndarray],
-           ranked: tuple[np.ndarray, np.ndarray], *per_item: np.ndarray) -> None:
-    """Each group's command from slot ``first[g]``: the pieces of ``head`` (each a
-    constant or a piece per group), then the pieces of each of its items (``per_item``:
-    a piece per item each)."""
-    for k, piece in enumerate(head):
-        pieces[first + k] = piece
-    group, rank = ranked
-    at = first[group] + len(head) + len(per_item) * rank
-    for k, piece in enumerate(per_item):
-        pieces[at + k] = piece
-
-
-def _formatted(values: np.ndarray, fmt: Callable[[int], bytes]) -> np.ndarray:
-    """``fmt`` of each (non-negative) value as objects, formatting each distinct value
-    once: through a table while the values are small, else through ``np.unique``."""
-    top = int(values.max(initial=0))
-    if top < _TABLE_MAX:
-        return _objects([fmt(n) for n in range(top + 1)])[values]
-    distinct, index = np.unique(values, return_inverse=True)
-    return _objects([fmt(n) for n in distinct.tolist()])[index]
-
-
-def _objects(values: list[bytes]) -> np.ndarray:
-    """``values`` as a numpy array of objects (for gathering and placing them)."""
-    return np.fromiter(values, object, len(values))
-
-
-def _scores(ts_ms: Sequence[int]) -> list[bytes]:
-    """Each event time as a ZADD score argument; the contract's 13-digit times formatted
-    in bulk."""
-    times = np.asarray(ts_ms)
-    if times.dtype.kind != "i" or times.shape != (len(ts_ms),):
-        return [_score(t) for t in ts_ms]
-    rows = np.empty((len(times), 20), np.uint8)
-    rows[:, :5] = np.frombuffer(b"$13\r\n", np.uint8)
-    rest = times
-    for place in range(17, 4, -1):  # last digit first
-        rest, rows[:, place] = np.divmod(rest, 10)
-    rows[:, 5:18] += ord("0")
-    rows[:, 18:] = np.frombuffer(b"\r\n", np.uint8)
-    scores = rows.view("S20").ravel().tolist()  # no trailing NULs to lose: rows end CRLF
-    for k in np.flatnonzero((times < 10**12) | (times >= 10**13)).tolist():
-        scores[k] = _score(ts_ms[k])
-    return scores
-
-
-def _score(ts_ms: int) -> bytes:
-    """One ZADD score (an event time) as a RESP argument."""
-    return arg(b"%d" % ts_ms)
-
-
-def _values(values: np.ndarray, lead: bytes = b"") -> np.ndarray:
-    """Each row's bytes as a RESP argument, after ``lead`` (objects)."""
-    width = values.shape[1] * values.itemsize
-    rows = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), width)
-    head = np.frombuffer(lead + b"$%d\r\n" % rows.shape[1], np.uint8)
-    out = np.empty((len(rows), len(head) + rows.shape[1] + 2), np.uint8)
-    out[:, :len(head)] = head
-    out[:, len(head):-2] = rows
-    out[:, -2:] = np.frombuffer(b"\r\n", np.uint8)
-    # numpy drops an S item's trailing NULs; these end in CRLF, so none are lost.
-    return _objects(out.view(f"S{out.shape[1]}").ravel().tolist())
