@@ -73,7 +73,8 @@ from common.model.bundle import Features, ModelBundle  # noqa: E402
 from common.model.features import FeatureEncoder  # noqa: E402
 from common.model.registry import Registry  # noqa: E402
 from publisher.control import ReleaseControl  # noqa: E402
-from publisher.item_index import IndexStore, build_index, faiss_ids  # noqa: E402
+from publisher.index_store import IndexStore  # noqa: E402
+from publisher.item_index import build_index, faiss_ids  # noqa: E402
 from publisher.redis_faiss import RedisFaissPublisher  # noqa: E402
 from publisher.redis_users import UserStore  # noqa: E402
 from serving.app import serve_http  # noqa: E402

@@ -29,7 +29,8 @@ from common.infra.settings import Settings
 from common.model.bundle import Features, ModelBundle
 from common.model.vectors import item_vectors
 from publisher.base import Delta, Interactions, PublishError
-from publisher.item_index import IndexStore, ItemIndex
+from publisher.index_store import IndexStore
+from publisher.item_index import ItemIndex
 from publisher.redis_users import COMPLETE, UserStore
 
 log = logging.getLogger(__name__)

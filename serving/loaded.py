@@ -16,7 +16,8 @@ import torch
 from common.model.features import FeatureEncoder
 from common.model.registry import Registry
 from common.model.towers import TwoTower
-from publisher.item_index import DoubleBufferedIndex, IndexStore
+from publisher.index_store import IndexStore
+from publisher.item_index import DoubleBufferedIndex
 from publisher.redis_users import UserStore, VersionMeta, VersionStateError
 
 

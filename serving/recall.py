@@ -19,7 +19,7 @@ from typing import Any
 from common.infra.settings import Settings
 from common.model.registry import Registry, RegistryError
 from publisher.base import PublishError
-from publisher.item_index import IndexStore, IndexStoreError
+from publisher.index_store import IndexStore, IndexStoreError
 from publisher.redis_users import UserStore, VersionStateError
 from serving.loaded import ServedVersion, load_version
 from serving.metrics import ServingMetrics

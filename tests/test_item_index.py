@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 
 from common.infra.settings import IndexSettings
-from publisher.item_index import (
+from publisher.index_store import (
     DeltaGapError,
-    DoubleBufferedIndex,
     IndexCorruptError,
     IndexStore,
     IndexStoreError,
-    ItemIndex,
     VersionNotFoundError,
-    faiss_ids,
 )
+from publisher.item_index import DoubleBufferedIndex, ItemIndex, faiss_ids
 
 DIM = 16
 # Small corpora take the IVF path here; nprobe above nlist makes IVF search every list,
