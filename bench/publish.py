@@ -356,8 +356,8 @@ def api_phase(s: Settings, client: RedisClient, args: argparse.Namespace,
                                 config_hash=s.model_hash())
     register_s = time.perf_counter() - start
     empty = FeatureTable.empty()
-    publisher = RedisFaissPublisher(s, UserStore(client, s.redis),
-                                    IndexStore(s.indexes_dir, s.index))
+    publisher = RedisFaissPublisher(UserStore(client, s.redis),
+                                    IndexStore(s.indexes_dir, s.index), s.redis.retention_versions)
     start = time.perf_counter()
     report = publisher.publish_full(version, bundle, Features.build(bundle, empty, empty),
                                     items, 0, progress=True)
@@ -367,7 +367,7 @@ def api_phase(s: Settings, client: RedisClient, args: argparse.Namespace,
         raise RuntimeError(f"version {version} holds {meta and meta.users} users in Redis, "
                            f"expected {args.api_users}")
     del bundle
-    ReleaseControl(s, publisher, registry).promote(version, force=True)
+    ReleaseControl.from_settings(s, publisher, registry).promote(version, force=True)
     # As ``recstream serve`` does: one thread per request, no OpenMP pools per request.
     torch.set_num_threads(s.serving.threads or 1)
     faiss.omp_set_num_threads(s.serving.threads or 1)

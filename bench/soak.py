@@ -286,7 +286,7 @@ class System:
         end_ms = int(data.day_start_ms[BOOTSTRAP_DAYS])
         version = bootstrap_job(self.s, data.dataset, None, end_ms, epochs=1,
                                 promote=True).version
-        control = ReleaseControl(self.s, RedisFaissPublisher.from_settings(self.s))
+        control = ReleaseControl.from_settings(self.s, RedisFaissPublisher.from_settings(self.s))
         try:
             control.publish(version, data.dataset)
             control.promote(version)

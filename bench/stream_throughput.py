@@ -345,7 +345,7 @@ def broker_for(base: Settings) -> Iterator[tuple[str, str]]:
 
 def release(settings: Settings, dataset: Dataset, version: str) -> None:
     """Publish the champion fully to Redis + FAISS and release it (the stream's target)."""
-    control = ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+    control = ReleaseControl.from_settings(settings, RedisFaissPublisher.from_settings(settings))
     control.publish(version, dataset)
     control.promote(version)
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from common.data.dataset import Dataset
-from common.infra.settings import Settings
+from common.infra.settings import EvalSettings, PublisherSettings, Settings
 from common.model.bundle import Features
 from common.model.registry import Registry, RegistryError, VersionNotFoundError
 from publisher.redis_faiss import FullPublishReport, RedisFaissPublisher, history_of
@@ -52,10 +52,19 @@ class VersionInfo:
 class ReleaseControl:
     """Status, versions, promote and rollback over the registry and the publisher."""
 
-    def __init__(self, settings: Settings, publisher: RedisFaissPublisher,
-                 registry: Registry | None = None) -> None:
-        self.s, self.pub = settings, publisher
-        self.registry = registry or Registry(settings.models_dir)
+    def __init__(self, publisher: RedisFaissPublisher, registry: Registry,
+                 ps: PublisherSettings, es: EvalSettings, rating_threshold: float) -> None:
+        self.pub, self.registry = publisher, registry
+        self.ps, self.es = ps, es  # the rebase wait; the promotion gate
+        self.rating_threshold = rating_threshold  # positives of the seen history published
+
+    @classmethod
+    def from_settings(cls, settings: Settings, publisher: RedisFaissPublisher | None = None,
+                      registry: Registry | None = None) -> ReleaseControl:
+        """Release control over ``settings``' registry and publisher (or the ones given)."""
+        return cls(publisher or RedisFaissPublisher.from_settings(settings),
+                   registry or Registry(settings.models_dir), settings.publisher,
+                   settings.eval, settings.train.rating_threshold)
 
     def versions(self) -> list[VersionInfo]:
         release, published = self.pub.users.release(), self.pub.users.versions()
@@ -87,8 +96,7 @@ class ReleaseControl:
         and seen history (events before its cutoff) come from ``dataset``."""
         bundle, meta = self.registry.load(version)
         cutoff = int(meta["cutoff_ms"])
-        history = history_of(dataset.events.between(None, cutoff),
-                             self.s.train.rating_threshold)
+        history = history_of(dataset.events.between(None, cutoff), self.rating_threshold)
         report = self.pub.publish_full(meta["version"], bundle,
                                        Features.build(bundle, dataset.users, dataset.items),
                                        dataset.catalog(), cutoff, history, progress)
@@ -142,7 +150,7 @@ class ReleaseControl:
         """Wait until the stream reports ``version`` caught up (or the timeout), then
         promote: serving never loses the streamed updates since its cutoff. When
         ``keep_waiting`` turns false (a shutdown) it gives up without promoting."""
-        timeout_s = self.s.publisher.rebase_timeout_s if timeout_s is None else timeout_s
+        timeout_s = self.ps.rebase_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while self.pub.users.rebased(version) is None and time.monotonic() < deadline:
             if not keep_waiting():
@@ -162,7 +170,7 @@ class ReleaseControl:
         is still the one, the nightly's decision on those events stands."""
         if champion is None:
             return
-        name, tol = self.s.eval.gate_metric, self.s.eval.gate_tolerance
+        name, tol = self.es.gate_metric, self.es.gate_tolerance
         meta = self.registry.meta(version)
         evaluated = meta.get("eval", {})
         if evaluated.get("against") == champion and evaluated.get("gate", {}).get("passed"):

@@ -52,15 +52,18 @@ class FullPublishReport:
 class RedisFaissPublisher:
     """Publishes versions and deltas; implements ``publisher.base.Publisher``."""
 
-    def __init__(self, settings: Settings, users: UserStore, indexes: IndexStore) -> None:
-        self.s, self.users, self.indexes = settings, users, indexes
+    def __init__(self, users: UserStore, indexes: IndexStore, retention_versions: int) -> None:
+        self.users, self.indexes = users, indexes
+        self.retention_versions = retention_versions  # complete versions kept by ``prune``
         self._live: dict[str, tuple[ItemIndex, int]] = {}  # version -> (index, seq)
         self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisFaissPublisher:
-        return cls(settings, UserStore(connect(settings), settings.redis),
-                   IndexStore(settings.indexes_dir, settings.index))
+        """The publisher of ``settings``' Redis and index directory."""
+        return cls(UserStore(connect(settings), settings.redis),
+                   IndexStore(settings.indexes_dir, settings.index),
+                   settings.redis.retention_versions)
 
     # -- full publish -----------------------------------------------------------------
 
@@ -153,7 +156,7 @@ class RedisFaissPublisher:
         release = self.users.release()
         keep = {release.champion, release.previous}
         complete = [v for v, m in self.users.versions().items() if m.state == COMPLETE]
-        keep |= set(complete[-self.s.redis.retention_versions:])
+        keep |= set(complete[-self.retention_versions:])
         dropped = [v for v in complete if v not in keep]
         for version in dropped:
             self.users.drop(version)

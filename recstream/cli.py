@@ -295,7 +295,7 @@ def _release_control(settings: Settings) -> Any:
     from publisher.control import ReleaseControl
     from publisher.redis_faiss import RedisFaissPublisher
 
-    return ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+    return ReleaseControl.from_settings(settings, RedisFaissPublisher.from_settings(settings))
 
 
 def _stderr_line(line: str) -> None:

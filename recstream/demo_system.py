@@ -73,7 +73,8 @@ class DemoSystem:
         self.s = load_settings(self.env)
         ensure_topics(self.s.kafka, self.s.kafka.bootstrap,
                       [self.s.kafka.topic, self.s.kafka.dlq_topic])
-        self.control = ReleaseControl(self.s, RedisFaissPublisher.from_settings(self.s))
+        self.control = ReleaseControl.from_settings(self.s,
+                                                    RedisFaissPublisher.from_settings(self.s))
         self.registry: Registry = self.control.registry
         self.service = RecallService(self.s, self.control.pub.users, self.control.pub.indexes,
                                      self.registry)

@@ -32,7 +32,7 @@ def publish_settings(home: Path, redis_url: str, prefix: str, **extra: str) -> S
 
 
 def control_for(settings: Settings) -> ReleaseControl:
-    return ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+    return ReleaseControl.from_settings(settings)
 
 
 def released_champion(settings: Settings, dataset: Dataset, end_ms: int) -> str:

@@ -14,7 +14,6 @@ from streaming import SMALL_MODEL
 from common.infra.settings import load_settings
 from common.model.registry import Registry
 from publisher.control import ReleaseControl
-from publisher.redis_faiss import RedisFaissPublisher
 from recstream.demo import run_demo
 from serving.recall import RecallService, wait_until_serving
 
@@ -48,7 +47,7 @@ def test_each_day_boundary_released_a_nightly_after_the_rebase(loop: dict) -> No
     runs = loop["summary"]["nightly"]["runs"]
     assert [r["result"] for r in runs] == ["released"] * (DAYS - 1)
     settings = load_settings(loop["summary"]["env"])
-    control = ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+    control = ReleaseControl.from_settings(settings)
     release = control.pub.users.release()
     assert release.champion == runs[-1]["version"] and release.previous == runs[-2]["version"]
     for run in runs:
@@ -59,7 +58,7 @@ def test_each_day_boundary_released_a_nightly_after_the_rebase(loop: dict) -> No
 
 def test_serving_answers_from_the_champion_and_follows_a_rollback(loop: dict) -> None:
     settings = load_settings(loop["summary"]["env"])
-    control = ReleaseControl(settings, RedisFaissPublisher.from_settings(settings))
+    control = ReleaseControl.from_settings(settings)
     service = RecallService(settings, control.pub.users, control.pub.indexes,
                             Registry(settings.models_dir))
     release = control.pub.users.release()

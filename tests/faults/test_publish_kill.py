@@ -30,7 +30,6 @@ import os, signal, sys
 from common.infra.settings import load_settings
 from common.data.synthetic import SyntheticConfig, generate
 from publisher.control import ReleaseControl
-from publisher.redis_faiss import RedisFaissPublisher
 from publisher.redis_users import UserStore
 
 real_write = UserStore.write
@@ -42,7 +41,7 @@ def write_half_then_die(self, version, ids, vectors, features=None):
 UserStore.write = write_half_then_die
 dataset = generate(SyntheticConfig(**eval(sys.argv[2]))).dataset
 settings = load_settings()
-ReleaseControl(settings, RedisFaissPublisher.from_settings(settings)).publish(sys.argv[1], dataset)
+ReleaseControl.from_settings(settings).publish(sys.argv[1], dataset)
 """
 CONFIG = {"n_users": 400, "n_items": 200, "n_days": 4, "events_per_day": 2000, "seed": 5}
 
