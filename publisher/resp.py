@@ -4,7 +4,9 @@ redis-py's pipeline builds a command object per command and packs each argument 
 several Python calls; at the stream's ~40k commands a step (a ZADD per user) that was
 most of the publisher's time. ``Commands`` packs RESP with a few bytes joins and
 ``execute`` sends it on one pooled connection, then reads every reply in order: the
-server receives exactly the bytes redis-py would send for the same commands.
+server receives exactly the bytes redis-py would send for the same commands. Batches of
+HSETs and ZADDs laid out with numpy, rather than a command at a time, come from
+``publisher.resp_bulk``.
 
 >>> cmds = Commands()
 >>> cmds.add(b"HSET", b"k", b"f", b"\\x00\\x01")
