@@ -253,21 +253,30 @@ def servers(base: Settings, home: Path, kafka: bool = True,
     stopped, by pid, when the block ends. ``kafka``/``redis`` False: not wanted."""
     found = Servers()
     with contextlib.ExitStack() as stack:
-        if kafka and base.kafka.bootstrap:
-            found.bootstrap = base.kafka.bootstrap
-            found.broker = f"RECSTREAM_KAFKA_BOOTSTRAP={found.bootstrap}"
-        elif kafka:
-            broker = stack.enter_context(EmbeddedBroker.start(log_path=_log(home, "broker")))
-            found.bootstrap, found.pids["broker"] = broker.bootstrap, broker.pid
-            found.broker = f"embedded {Path(tansu_binary()).name}, memory storage"
-        if redis and base.redis.url:
-            found.redis_url = base.redis.url
-            found.redis = f"RECSTREAM_REDIS_URL={_without_credentials(found.redis_url)}"
-        elif redis:
-            server = stack.enter_context(EmbeddedRedis.start(log_path=_log(home, "redis")))
-            found.redis_url, found.pids["redis"] = server.url, server.pid
-            found.redis = f"embedded {Path(redis_binary()).name}, no persistence"
+        if kafka:
+            found.bootstrap, found.broker = _server(
+                stack, found.pids, "broker", base.kafka.bootstrap, "RECSTREAM_KAFKA_BOOTSTRAP",
+                lambda: EmbeddedBroker.start(log_path=_log(home, "broker")),
+                lambda: f"embedded {Path(tansu_binary()).name}, memory storage")
+        if redis:
+            found.redis_url, found.redis = _server(
+                stack, found.pids, "redis", base.redis.url, "RECSTREAM_REDIS_URL",
+                lambda: EmbeddedRedis.start(log_path=_log(home, "redis")),
+                lambda: f"embedded {Path(redis_binary()).name}, no persistence")
         yield found
+
+
+def _server(stack: contextlib.ExitStack, pids: dict[str, int], name: str, configured: str,
+            setting: str, start: Callable[[], EmbeddedBroker | EmbeddedRedis],
+            embedded: Callable[[], str]) -> tuple[str, str]:
+    """The configured address (described by its setting), else an embedded server's,
+    started and stopped with ``stack``; with a description for the report."""
+    if configured:
+        return configured, f"{setting}={_without_credentials(configured)}"
+    server = stack.enter_context(start())
+    pids[name] = server.pid
+    address = server.bootstrap if isinstance(server, EmbeddedBroker) else server.url
+    return address, embedded()
 
 
 def _log(home: Path, name: str) -> Path:

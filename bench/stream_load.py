@@ -8,10 +8,9 @@ import math
 import time
 from typing import Any
 
-import numpy as np
-
 # bench/harness.py puts the repository root on sys.path for the project imports below.
-from harness import Timer
+import harness
+import numpy as np
 from tqdm import tqdm
 
 from common.data.dataset import Dataset
@@ -41,7 +40,7 @@ def world(args: argparse.Namespace) -> tuple[Dataset, Events, Events]:
 def produce_all(settings: Settings, events: Events) -> dict[str, float]:
     """Every event into the settings' topic, flat out; the rate includes the final flush."""
     ks = settings.kafka
-    with Timer() as timer, EventProducer(ks, ks.bootstrap, ks.topic) as producer, \
+    with harness.Timer() as timer, EventProducer(ks, ks.bootstrap, ks.topic) as producer, \
             tqdm(total=len(events), unit="ev", unit_scale=True, desc="produce") as bar:
         for lo in range(0, len(events), CHUNK_EVENTS):
             chunk = events.take(np.arange(lo, min(lo + CHUNK_EVENTS, len(events))))

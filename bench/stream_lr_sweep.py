@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 
 # bench/harness.py puts the repository root on sys.path for the project imports below.
-from harness import Timer, parse, parser, write_json
+import harness
 
 from batch.evaluation import default_train_before
 from batch.trainer import bootstrap
@@ -30,15 +30,15 @@ from recstream.demo import CHUNK_EVENTS, CHUNK_MS, TEST_DAYS
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser(__doc__)
+    p = harness.parser(__doc__)
     p.add_argument("--lrs", default="0.2,0.05,0.02,0.01", help="comma-separated lrs")
     p.add_argument("--batch", type=int, default=512, help="examples per step")
-    args = parse(p, argv, seed=False)  # the seed is RECSTREAM_TRAIN_SEED's
+    args = harness.parse(p, argv, seed=False)  # the seed is RECSTREAM_TRAIN_SEED's
     s = load_settings()
     data = load_dataset("ml-100k", s.data_cache)
     split = parse_day(default_train_before(data.events, TEST_DAYS))
     history, test = data.events.between(None, split), data.events.between(split)
-    started = Timer()  # the whole sweep, bootstrap included
+    started = harness.Timer()  # the whole sweep, bootstrap included
     base, _ = bootstrap(s, data, history)
     catalog = data.catalog()
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, figures in out["recall"].items():
         print(f"{name:10} recall@10 {figures['recall@10']:.4f}  recall@50 "
               f"{figures['recall@50']:.4f}")
-    write_json(args.json, out)
+    harness.write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -38,24 +38,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# bench/harness.py puts the repository root on sys.path for the project imports below.
+import harness
 import kafka
 import numpy as np
 import torch
-
-# bench/harness.py puts the repository root on sys.path for the project imports below.
-from harness import (
-    Timer,
-    cpu_under,
-    machine,
-    now,
-    parse,
-    parser,
-    percentile,
-    print_rows,
-    servers,
-    temp_home,
-    write_json,
-)
 from kafka import TopicPartition
 from stream_load import paced_replay, produce_all, world
 from tqdm import tqdm
@@ -76,7 +63,7 @@ TIMEOUT_S = 900.0  # for any one wait on the trainer; a stuck run fails instead 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = harness.parser(__doc__)
     p.add_argument("--events", type=int, default=1_000_000, help="phase A backlog size")
     p.add_argument("--interval", type=float, default=1.0, help="update interval, seconds")
     p.add_argument("--rate", type=float, default=15_000.0, help="phase B events per second")
@@ -86,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="events the champion is trained on (one epoch)")
     p.add_argument("--publisher", choices=["redis", "files"], default="redis",
                    help="where deltas go (default: Redis + FAISS, as the daemon does)")
-    return parse(p, argv)
+    return harness.parse(p, argv)
 
 
 # -- set-up -------------------------------------------------------------------------------
@@ -200,10 +187,10 @@ def trainer_backlog(settings: Settings, dataset: Dataset, n: int) -> dict[str, A
         started = time.perf_counter()
         with tqdm(total=n, unit="ev", unit_scale=True, desc="trainer") as bar:
             t.wait_for(lambda: t.first_record_at is not None, "the first records", bar)
-            cpu_before = cpu_under(os.getpid(), cpu_name)
+            cpu_before = harness.cpu_under(os.getpid(), cpu_name)
             t.wait_for(lambda: t.trainer.events_applied >= n, f"{n} events applied", bar)
             cpu = {k: v - cpu_before.get(k, 0.0)
-                   for k, v in cpu_under(os.getpid(), cpu_name).items()}
+                   for k, v in harness.cpu_under(os.getpid(), cpu_name).items()}
         done = time.perf_counter()
         steps, step_s = t.trainer.step_no, t.step_seconds()
     assert t.first_record_at is not None
@@ -252,8 +239,8 @@ def freshness(settings: Settings, dataset: Dataset, events: Events,
                 proc.terminate()
         fresh = t.trainer.freshness.values().astype(np.float64)
         steps = t.trainer.step_no
-    return {"freshness_p50_s": percentile(fresh, 50),
-            "freshness_p99_s": percentile(fresh, 99),
+    return {"freshness_p50_s": harness.percentile(fresh, 50),
+            "freshness_p99_s": harness.percentile(fresh, 99),
             "freshness_max_s": round(float(fresh.max()), 3),
             "freshness_events": int(len(fresh)),
             "achieved_rate": round(sent["sent"] / sent["send_s"]),
@@ -279,15 +266,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if len(after) < args.events:
         raise SystemExit(f"the synthetic world has {len(after)} events to stream, "
                          f"fewer than --events {args.events}")
-    with temp_home() as home, \
-            servers(base, home, redis=args.publisher == "redis") as found:
+    with harness.temp_home() as home, \
+            harness.servers(base, home, redis=args.publisher == "redis") as found:
         run_id = uuid.uuid4().hex[:8]
         a, b = (make_settings(base, home, found.bootstrap, found.redis_url, name, args)
                 for name in (f"bench-{run_id}", f"bench-fresh-{run_id}"))
         figures = measure(args, a, b, dataset, history, after)
     redis = found.redis if args.publisher == "redis" else "none (file publisher)"
     result = report(args, a, figures, f"{found.broker}; redis: {redis}")
-    write_json(args.json, result)
+    harness.write_json(args.json, result)
     return result
 
 
@@ -297,7 +284,7 @@ def measure(args: argparse.Namespace, a: Settings, b: Settings, dataset: Dataset
     for s in (a, b):
         ensure_topics(s.kafka, a.kafka.bootstrap, [s.kafka.topic, s.kafka.dlq_topic])
     figures: dict[str, Any] = {}
-    with Timer() as timer:
+    with harness.Timer() as timer:
         version = bootstrap_job(a, dataset, None, int(history.ts_ms[-1]) + 1, epochs=1,
                                 promote=True).version
     figures["bootstrap_s"] = round(timer.s, 1)
@@ -336,8 +323,8 @@ def report(args: argparse.Namespace, s: Settings, figures: dict[str, Any],
         "embedding_dim": s.model.embedding_dim,
         "hidden_dims": list(s.model.hidden_dims), "output_dim": s.model.output_dim,
         "max_poll_records": s.kafka.max_poll_records, "broker": broker}
-    result["machine"] = machine(torch=torch.__version__, kafka_python=kafka.__version__)
-    result["date"] = now()
+    result["machine"] = harness.machine(torch=torch.__version__, kafka_python=kafka.__version__)
+    result["date"] = harness.now()
     f = figures
     print(f"stream throughput: {args.events:,} events, interval {args.interval} s, "
           f"{args.partitions} partitions, {torch.get_num_threads()} torch threads "
@@ -354,7 +341,7 @@ def report(args: argparse.Namespace, s: Settings, figures: dict[str, Any],
              f" ({f['cores_busy']} cores busy)"),
             (f"freshness at {f['achieved_rate']:,} ev/s", f"p50 {f['freshness_p50_s']} s, "
              f"p99 {f['freshness_p99_s']} s (to {_FRESH_TO[args.publisher]})")]
-    print_rows(rows, 32)
+    harness.print_rows(rows, 32)
     return result
 
 

@@ -22,12 +22,11 @@ import pstats
 import statistics
 from collections.abc import Callable
 
+# bench/harness.py puts the repository root on sys.path for the project imports below.
+import harness
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-# bench/harness.py puts the repository root on sys.path for the project imports below.
-from harness import Timer, config_of, parse, parser, processor, write_json
 from torch import nn
 
 from common.data.events import Events
@@ -163,7 +162,7 @@ def measure(step: Callable[[Examples], object], examples: Examples, args: argpar
     """Examples/s of each repeat of ``args.steps`` batches, after ``args.warmup`` batches."""
     def run(n_steps: int) -> float:
         order = rng.permutation(len(examples))[: n_steps * args.batch]
-        with Timer() as timer:
+        with harness.Timer() as timer:
             for lo in range(0, len(order), args.batch):
                 step(examples.take(order[lo: lo + args.batch]))
         return len(order) / timer.s
@@ -187,7 +186,7 @@ def profile(step: Callable[[Examples], object], examples: Examples, args: argpar
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = parser(__doc__)
+    p = harness.parser(__doc__)
     p.add_argument("--users", type=int, default=1_000_000)
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--batch", type=int, default=1024)
@@ -200,13 +199,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="positives generated per user/item id (at least one each)")
     p.add_argument("--profile", action="store_true",
                    help="also print a cProfile of each measured step")
-    return parse(p, argv)
+    return harness.parse(p, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    with Timer() as setup_time:
+    with harness.Timer() as setup_time:
         settings, bundle, features, examples = setup(args)
     rng = np.random.default_rng(args.seed)
     # Built one at a time, just before use: a Trainer sets requires_grad for its mode on
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             profile(step, examples, args, rng, name)
         del step
     result = report(args, runs, len(examples), setup_time.s)
-    write_json(args.json, result)
+    harness.write_json(args.json, result)
     return result
 
 
@@ -239,7 +238,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[float]], n_examples: i
     result["speedup_embedding_only"] = round(
         med["embedding_only"] / med["naive_embedding_only"], 2)
     result["repeats_examples_per_s"] = {n: [round(x) for x in v] for n, v in runs.items()}
-    result["config"] = config_of(args)
+    result["config"] = harness.config_of(args)
     result["examples"] = n_examples
     result["setup_s"] = round(setup_s, 1)
     result["torch"] = torch.__version__
@@ -247,7 +246,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[float]], n_examples: i
     result["python"] = platform.python_version()
     result["cpu_count"] = os.cpu_count()
     result["torch_threads"] = torch.get_num_threads()
-    result["machine"] = processor()
+    result["machine"] = harness.processor()
     print(f"train throughput: {args.users:,} users × {args.items:,} items, dim {args.dim}, "
           f"batch {args.batch}, {args.steps} steps × {args.repeats} repeats, "
           f"{torch.get_num_threads()} torch threads ({os.cpu_count()} cpus), "
