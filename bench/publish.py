@@ -39,69 +39,72 @@ embedded valkey.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import http.client
-import json
-import multiprocessing as mp
 import os
-import platform
-import queue
-import random
 import shutil
-import sys
-import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import faiss
+
+# bench/harness.py puts the repository root on sys.path for the project imports below.
+import harness
 import numpy as np
 import redis
 import torch
+from publish_load import WARMUP_S, load_from_process
+from publish_redis import (
+    MSET_KEYS,
+    MSETS_PER_ROUND_TRIP,
+    raw_mset,
+    remove_prefix,
+    used_memory,
+    wait_freed,
+)
+from publish_search import (
+    CLUSTER_SIGMA,
+    CLUSTERS,
+    SPREAD,
+    ClusteredVectors,
+    K,
+    exact_top,
+    nprobe_sweep,
+    recall_at_k,
+    single_query_ms,
+)
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from common.data.tables import FeatureTable  # noqa: E402
-from common.infra.atomic import write_text_atomic  # noqa: E402
-from common.infra.redis_client import RedisClient, connect  # noqa: E402
-from common.infra.redis_server import redis_or_embedded  # noqa: E402
-from common.infra.settings import Settings, load_settings  # noqa: E402
-from common.model.bundle import Features, ModelBundle  # noqa: E402
-from common.model.features import FeatureEncoder  # noqa: E402
-from common.model.registry import Registry  # noqa: E402
-from publisher.control import ReleaseControl  # noqa: E402
-from publisher.index_store import IndexStore  # noqa: E402
-from publisher.item_index import build_index, faiss_ids  # noqa: E402
-from publisher.redis_faiss import RedisFaissPublisher  # noqa: E402
-from publisher.redis_users import UserStore  # noqa: E402
-from serving.app import serve_http  # noqa: E402
-from serving.recall import RecallService, wait_until_serving  # noqa: E402
+from common.data.tables import FeatureTable
+from common.infra.redis_client import RedisClient, connect
+from common.infra.settings import Settings, load_settings
+from common.model.bundle import Features, ModelBundle
+from common.model.features import FeatureEncoder
+from common.model.registry import Registry
+from publisher.control import ReleaseControl
+from publisher.index_store import IndexStore
+from publisher.item_index import build_index, faiss_ids
+from publisher.redis_faiss import RedisFaissPublisher
+from publisher.redis_users import UserStore
+from serving.app import serve_http
+from serving.recall import RecallService, wait_until_serving
 
 USER_CHUNK = 100_000  # publish_full's chunk of users per UserStore.write
-MSET_KEYS = 10_000
-MSETS_PER_ROUND_TRIP = 2
-CLUSTERS, CLUSTER_SIGMA, SPREAD = 2048, 1.0, 1.25
-RECALL_QUERIES, LATENCY_QUERIES, K = 200, 1000, 100
-WARMUP_S = 2.0
+RECALL_QUERIES, LATENCY_QUERIES = 200, 1000
 GOAL_PUBLISH_S, GOAL_BUILD_S, GOAL_RECALL, GOAL_P99_MS = 6.0, 15.0, 0.95, 10.0
 GOAL_SIZE = 1_000_000
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__)
     p.add_argument("--users", type=int, default=1_000_000, help="users of the Redis publish")
     p.add_argument("--items", type=int, default=1_000_000, help="items of the index and API")
     p.add_argument("--api-users", type=int, default=100_000, help="users of the API's model")
     p.add_argument("--dim", type=int, default=64, help="embedding and tower output width")
     p.add_argument("--concurrency", type=int, default=4, help="API client connections")
     p.add_argument("--duration", type=float, default=20.0, help="API load seconds")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    p.add_argument("--json", type=Path, help="write every figure and the config here")
-    args = p.parse_args(argv)
+    args = harness.parse(p, argv)
     if args.quick:
         args.users, args.items, args.api_users, args.duration = 50_000, 120_000, 10_000, 3.0
     return args
@@ -110,37 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -- set-up -------------------------------------------------------------------------------
 
 
-
-
 def make_settings(base: Settings, home: Path, url: str, prefix: str, dim: int) -> Settings:
     return base.model_copy(update={"home": home}).with_overrides(
         model={"embedding_dim": dim, "output_dim": dim, "min_count": 1},
         redis={"url": url, "prefix": prefix}, serving={"host": "127.0.0.1", "port": 0})
-
-
-def used_memory(client: RedisClient) -> int:
-    return int(client.info("memory")["used_memory"])
-
-
-def wait_freed(client: RedisClient, timeout_s: float = 120.0) -> None:
-    """Wait until the server's background frees (UNLINK) are done."""
-    deadline = time.monotonic() + timeout_s
-    while int(client.info("memory").get("lazyfree_pending_objects", 0)) > 0:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"redis still freeing memory after {timeout_s:.0f} s")
-        time.sleep(0.05)
-
-
-def remove_prefix(client: RedisClient, prefix: str) -> None:
-    """Unlink every key of this run (a shared Redis keeps nothing of it)."""
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
-        batch.append(key)
-        if len(batch) >= 10_000:
-            client.unlink(*batch)
-            batch = []
-    if batch:
-        client.unlink(*batch)
 
 
 # -- phase 1: Redis -----------------------------------------------------------------------
@@ -177,60 +153,7 @@ def redis_phase(s: Settings, client: RedisClient, n: int, dim: int,
             "redis_buckets": -(-n // s.redis.bucket_size)}
 
 
-def raw_mset(client: RedisClient, keys: list[str], vectors: np.ndarray) -> dict[str, Any]:
-    """Plain pipelined MSETs of ``vectors``' rows under ``keys``; time and memory."""
-    before = used_memory(client)
-    width = vectors.shape[1] * vectors.itemsize
-    step = MSET_KEYS * MSETS_PER_ROUND_TRIP
-    start = time.perf_counter()
-    with tqdm(total=len(keys), unit="key", unit_scale=True, desc="raw mset") as bar:
-        for lo in range(0, len(keys), step):
-            blob = vectors[lo:lo + step].tobytes()
-            with client.pipeline(transaction=False) as p:
-                for sub in range(lo, min(lo + step, len(keys)), MSET_KEYS):
-                    flat: list[Any] = []
-                    for j in range(sub, min(sub + MSET_KEYS, len(keys))):
-                        off = (j - lo) * width
-                        flat += (keys[j], blob[off:off + width])
-                    p.execute_command("MSET", *flat)
-                p.execute()
-            bar.update(min(step, len(keys) - lo))
-    seconds = time.perf_counter() - start
-    return {"redis_raw_mset_s": round(seconds, 2),
-            "redis_raw_keys_per_s": round(len(keys) / seconds),
-            "redis_raw_used_memory_bytes": used_memory(client) - before}
-
-
 # -- phase 2: FAISS -----------------------------------------------------------------------
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-class ClusteredVectors:
-    """Unit item vectors around random unit centres with log-normal cluster weights, and
-    queries mixing two or three of those interests."""
-
-    def __init__(self, dim: int, rng: np.random.Generator) -> None:
-        self.rng, self.dim = rng, dim
-        self.centres = unit(rng.standard_normal((CLUSTERS, dim), dtype=np.float32))
-        weights = rng.lognormal(0.0, CLUSTER_SIGMA, CLUSTERS)
-        self.p = weights / weights.sum()
-
-    def _noisy(self, x: np.ndarray) -> np.ndarray:
-        noise = self.rng.standard_normal(x.shape, dtype=np.float32)
-        return unit(x + noise * np.float32(SPREAD / np.sqrt(self.dim)))
-
-    def items(self, n: int) -> np.ndarray:
-        return self._noisy(self.centres[self.rng.choice(CLUSTERS, n, p=self.p)])
-
-    def queries(self, n: int) -> np.ndarray:
-        """Users sit between the clusters they like, off the item manifold."""
-        x = np.zeros((n, self.dim), np.float32)
-        for i, interests in enumerate(self.rng.integers(2, 4, n).tolist()):
-            x[i] = self.centres[self.rng.choice(CLUSTERS, interests, p=self.p)].sum(axis=0)
-        return self._noisy(unit(x))
 
 
 def index_phase(s: Settings, n: int, dim: int, rng: np.random.Generator) -> dict[str, Any]:
@@ -267,64 +190,13 @@ def index_phase(s: Settings, n: int, dim: int, rng: np.random.Generator) -> dict
     return {"index_build_s": round(timed["write_full"], 2),
             "build_index_s": round(timed["build_index"], 2),
             "index_load_s": round(timed["load"], 2), "index_recall_at_100": round(recall, 4),
-            "index_query_p50_ms": round(float(np.percentile(raw_ms, 50)), 3),
-            "index_query_p99_ms": round(float(np.percentile(raw_ms, 99)), 3),
-            "item_index_search_p50_ms": round(float(np.percentile(wrapped_ms, 50)), 3),
-            "item_index_search_p99_ms": round(float(np.percentile(wrapped_ms, 99)), 3),
+            "index_query_p50_ms": harness.percentile(raw_ms, 50),
+            "index_query_p99_ms": harness.percentile(raw_ms, 99),
+            "item_index_search_p50_ms": harness.percentile(wrapped_ms, 50),
+            "item_index_search_p99_ms": harness.percentile(wrapped_ms, 99),
             "index_kind": "ivf" if ivf else "flat", "index_nlist": index.nlist if ivf else None,
             "index_nprobe": index.nprobe if ivf else None, "index_items": int(index.ntotal),
             "index_nprobe_sweep": sweep}
-
-
-def exact_top(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """The FAISS ids of each query's exact top ``K`` by inner product (brute force)."""
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
-    _, rows = exact.search(queries, K)
-    return ids[rows]
-
-
-def recall_at_k(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> float:
-    """Mean share of the exact top ``K`` that ``index`` returns."""
-    _, found = index.search(queries, K)
-    return float(np.mean([len(set(t.tolist()) & set(f.tolist())) / K
-                          for t, f in zip(truth, found, strict=True)]))
-
-
-def single_query_ms(search: Any, queries: np.ndarray) -> np.ndarray:
-    """Milliseconds of each query of k=``K`` searched on its own, on one FAISS thread."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    out = np.empty(len(queries))
-    try:
-        for i in range(len(queries)):
-            t0 = time.perf_counter()
-            search(queries[i:i + 1], K)
-            out[i] = time.perf_counter() - t0
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return out * 1e3
-
-
-def nprobe_sweep(index: faiss.Index, queries: np.ndarray,
-                 truth: np.ndarray) -> list[dict[str, float]]:
-    """Recall@100 and one-thread latency at a few nprobe values (the configured one too)."""
-    if not isinstance(index, faiss.IndexIVF):
-        return []
-    configured = index.nprobe
-    out = []
-    try:
-        for nprobe in sorted({p for p in (16, 64, 256, 1024) if p <= index.nlist}
-                             | {configured}):
-            index.nprobe = nprobe
-            ms = single_query_ms(index.search, queries)
-            out.append({"nprobe": nprobe, "recall_at_100": round(recall_at_k(index, queries,
-                                                                             truth), 4),
-                        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-                        "p99_ms": round(float(np.percentile(ms, 99)), 3)})
-    finally:
-        index.nprobe = configured
-    return out
 
 
 # -- phase 3: the recall API --------------------------------------------------------------
@@ -393,119 +265,32 @@ def api_phase(s: Settings, client: RedisClient, args: argparse.Namespace,
             "api_server_mean_ms": round(1e3 * server_sum / max(server_n, 1), 3)}
 
 
-def load_from_process(port: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the client process against ``port`` and summarise what it measured."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=client_load, name="api-load",
-                       args=(port, args.api_users, args.concurrency, args.duration,
-                             args.seed, out))
-    proc.start()
-    try:
-        wait = WARMUP_S + args.duration + 120  # spawn and imports included
-        with tqdm(total=round(args.duration), unit="s", desc="api load") as bar:
-            deadline = time.monotonic() + wait
-            got: dict[str, Any] | None = None
-            while got is None and time.monotonic() < deadline:
-                try:
-                    got = out.get(timeout=1.0)
-                except queue.Empty:
-                    if not proc.is_alive():
-                        raise RuntimeError("the load process exited without a result") from None
-                    bar.update(min(1, bar.total - bar.n))
-            if got is None:
-                raise RuntimeError(f"no result from the load process in {wait:.0f} s")
-            bar.update(bar.total - bar.n)
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(timeout=10)
-    ms = np.asarray(got["latencies"]) * 1e3
-    return {"api_p50_ms": round(float(np.percentile(ms, 50)), 3),
-            "api_p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "api_max_ms": round(float(ms.max()), 3),
-            "api_qps": round(len(ms) / got["seconds"], 1), "api_requests": len(ms),
-            "api_errors": got["errors"], "api_fallbacks": got["fallbacks"],
-            "api_short_answers": got["short"]}
-
-
-def client_load(port: int, users: int, concurrency: int, duration: float, seed: int,
-                out: Any) -> None:
-    """``concurrency`` keep-alive connections, one thread each, asking for random known
-    users until the time is up; latency measured here, after a warm-up."""
-    begin = time.perf_counter() + WARMUP_S
-    end = begin + duration
-    results: list[dict[str, Any]] = [{} for _ in range(concurrency)]
-
-    def worker(t: int) -> None:
-        rng = random.Random(seed * 1000 + t)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        lat: list[float] = []
-        errors = fallbacks = short = 0
-        while (t0 := time.perf_counter()) < end:
-            try:
-                conn.request("GET", f"/recall?user_id=u{rng.randrange(users)}&k={K}")
-                resp = conn.getresponse()
-                body, ok = resp.read(), resp.status == 200
-            except (OSError, http.client.HTTPException):
-                body, ok = b"", False
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            elapsed = time.perf_counter() - t0
-            if t0 < begin:
-                continue
-            lat.append(elapsed)
-            errors += not ok
-            fallbacks += ok and b'"fallback": null' not in body
-            short += ok and body.count(b'"item_id"') < K
-        conn.close()
-        results[t] = {"lat": lat, "errors": errors, "fallbacks": fallbacks, "short": short}
-
-    threads = [threading.Thread(target=worker, args=(t,), daemon=True)
-               for t in range(concurrency)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=duration + WARMUP_S + 60)
-    seconds = max(time.perf_counter(), end) - begin
-    out.put({"latencies": [x for r in results for x in r.get("lat", [])],
-             "errors": sum(r.get("errors", 0) for r in results),
-             "fallbacks": sum(r.get("fallbacks", 0) for r in results),
-             "short": sum(r.get("short", 0) for r in results), "seconds": min(seconds, duration)})
-
-
 # -- the run ------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     base = load_settings()
-    figures: dict[str, Any] = {"loadavg_start": round(os.getloadavg()[0], 2)}
-    home = Path(tempfile.mkdtemp(prefix="recstream-bench-"))
+    figures: dict[str, Any] = {"loadavg_start": harness.loadavg()}
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(args.seed)
-    try:
-        with redis_or_embedded(base.redis.url) as (url, redis_name):
-            s = make_settings(base, home, url, prefix, args.dim)
-            client = connect(s, url)
-            try:
-                server = client.info("server")
-                redis_name += (f" {server.get('server_name', 'redis')} "
-                               f"{server.get('valkey_version') or server.get('redis_version')}")
-                figures.update(redis_phase(s, client, args.users, args.dim, rng))
-                figures.update(index_phase(s, args.items, args.dim, rng))
-                shutil.rmtree(s.indexes_dir, ignore_errors=True)
-                figures.update(api_phase(s, client, args, rng))
-            finally:
-                if base.redis.url:
-                    remove_prefix(client, prefix)
-                client.close()
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    with harness.temp_home() as home, harness.servers(base, home, kafka=False) as found:
+        s = make_settings(base, home, found.redis_url, prefix, args.dim)
+        client = connect(s, found.redis_url)
+        try:
+            server = client.info("server")
+            redis_name = (f"{found.redis} {server.get('server_name', 'redis')} "
+                          f"{server.get('valkey_version') or server.get('redis_version')}")
+            figures.update(redis_phase(s, client, args.users, args.dim, rng))
+            figures.update(index_phase(s, args.items, args.dim, rng))
+            shutil.rmtree(s.indexes_dir, ignore_errors=True)
+            figures.update(api_phase(s, client, args, rng))
+        finally:
+            if base.redis.url:
+                remove_prefix(client, prefix)
+            client.close()
     result = report(args, s, figures, redis_name)
-    if args.json:
-        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
+    harness.write_json(args.json, result)
     return result
 
 
@@ -566,13 +351,15 @@ def report(args: argparse.Namespace, s: Settings, f: dict[str, Any],
         "serving_threads": s.serving.threads, "hidden_dims": list(s.model.hidden_dims),
         "embedding_dim": s.model.embedding_dim, "output_dim": s.model.output_dim,
         "redis": redis_name}
-    result["machine"] = {"cpu_count": os.cpu_count(), "loadavg_1m_start": f["loadavg_start"],
-                         "loadavg_1m_end": round(os.getloadavg()[0], 2),
-                         "processor": platform.processor() or platform.machine(),
-                         "platform": platform.platform(), "python": platform.python_version(),
-                         "torch": torch.__version__, "faiss": faiss.__version__,
-                         "redis_py": redis.__version__}
-    result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    result["machine"] = harness.machine(f["loadavg_start"], torch=torch.__version__,
+                                faiss=faiss.__version__, redis_py=redis.__version__)
+    result["date"] = harness.now()
+    print_table(args, f, result["goals"], redis_name)  # type: ignore[arg-type]
+    return result
+
+
+def print_table(args: argparse.Namespace, f: dict[str, Any], goals: dict[str, dict[str, Any]],
+                redis_name: str) -> None:
     print(f"publish/serving: {args.users:,} users, {args.items:,} items, dim {args.dim}, "
           f"{os.cpu_count()} cpus, redis: {redis_name}")
     mib = f["redis_used_memory_bytes"] / 2**20
@@ -593,12 +380,9 @@ def report(args: argparse.Namespace, s: Settings, f: dict[str, Any],
                  f"p99 {f['api_p99_ms']} ms, {f['api_qps']} req/s, {f['api_requests']:,} "
                  f"requests, {f['api_errors']} errors, {f['api_fallbacks']} fallbacks "
                  f"(server mean {f['api_server_mean_ms']} ms)"))
-    for name, value in rows:
-        print(f"  {name:<36}{value}")
-    for name, g in result["goals"].items():  # type: ignore[union-attr]
-        print(f"  goal {name:<31}{'holds' if g['holds'] else 'MISSED'}: {g['measured']} "
-              f"(goal {g['goal']})")
-    return result
+    rows += [(f"goal {name}", f"{'holds' if g['holds'] else 'MISSED'}: {g['measured']} "
+              f"(goal {g['goal']})") for name, g in goals.items()]
+    harness.print_rows(rows, 36)
 
 
 if __name__ == "__main__":

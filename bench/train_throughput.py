@@ -16,28 +16,24 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
 import platform
 import pstats
 import statistics
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
+# bench/harness.py puts the repository root on sys.path for the project imports below.
+import harness
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from common.data.events import Events  # noqa: E402
-from common.data.tables import FeatureTable, FieldSpec  # noqa: E402
-from common.infra.settings import Settings  # noqa: E402
-from common.model.bundle import Examples, Features, ModelBundle, encode_examples  # noqa: E402
-from common.model.training import Trainer  # noqa: E402
+from common.data.events import Events
+from common.data.tables import FeatureTable, FieldSpec
+from common.infra.settings import Settings
+from common.model.bundle import Examples, Features, ModelBundle, encode_examples
+from common.model.training import Trainer
 
 USER_FIELDS = (FieldSpec("segment", "categorical"),)
 ITEM_FIELDS = (FieldSpec("category", "categorical"), FieldSpec("tags", "multi", max_len=4))
@@ -166,10 +162,10 @@ def measure(step: Callable[[Examples], object], examples: Examples, args: argpar
     """Examples/s of each repeat of ``args.steps`` batches, after ``args.warmup`` batches."""
     def run(n_steps: int) -> float:
         order = rng.permutation(len(examples))[: n_steps * args.batch]
-        start = time.perf_counter()
-        for lo in range(0, len(order), args.batch):
-            step(examples.take(order[lo: lo + args.batch]))
-        return len(order) / (time.perf_counter() - start)
+        with harness.Timer() as timer:
+            for lo in range(0, len(order), args.batch):
+                step(examples.take(order[lo: lo + args.batch]))
+        return len(order) / timer.s
 
     run(args.warmup)
     return [run(args.steps) for _ in range(args.repeats)]
@@ -190,7 +186,7 @@ def profile(step: Callable[[Examples], object], examples: Examples, args: argpar
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__)
     p.add_argument("--users", type=int, default=1_000_000)
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--batch", type=int, default=1024)
@@ -201,19 +197,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--events-per-id", type=float, default=2.0,
                    help="positives generated per user/item id (at least one each)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
                    help="also print a cProfile of each measured step")
-    p.add_argument("--json", type=Path, help="write every figure and the config here")
-    return p.parse_args(argv)
+    return harness.parse(p, argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    settings, bundle, features, examples = setup(args)
-    setup_s = time.perf_counter() - t0
+    with harness.Timer() as setup_time:
+        settings, bundle, features, examples = setup(args)
     rng = np.random.default_rng(args.seed)
     # Built one at a time, just before use: a Trainer sets requires_grad for its mode on
     # the shared model, and each naive step allocates its own tables and optimiser state.
@@ -231,10 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         if args.profile:
             profile(step, examples, args, rng, name)
         del step
-    result = report(args, runs, len(examples), setup_s)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    result = report(args, runs, len(examples), setup_time.s)
+    harness.write_json(args.json, result)
     return result
 
 
@@ -247,7 +238,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[float]], n_examples: i
     result["speedup_embedding_only"] = round(
         med["embedding_only"] / med["naive_embedding_only"], 2)
     result["repeats_examples_per_s"] = {n: [round(x) for x in v] for n, v in runs.items()}
-    result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result["config"] = harness.config_of(args)
     result["examples"] = n_examples
     result["setup_s"] = round(setup_s, 1)
     result["torch"] = torch.__version__
@@ -255,7 +246,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[float]], n_examples: i
     result["python"] = platform.python_version()
     result["cpu_count"] = os.cpu_count()
     result["torch_threads"] = torch.get_num_threads()
-    result["machine"] = platform.processor() or platform.machine()
+    result["machine"] = harness.processor()
     print(f"train throughput: {args.users:,} users × {args.items:,} items, dim {args.dim}, "
           f"batch {args.batch}, {args.steps} steps × {args.repeats} repeats, "
           f"{torch.get_num_threads()} torch threads ({os.cpu_count()} cpus), "

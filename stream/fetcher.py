@@ -28,7 +28,7 @@ import numpy as np
 from kafka import TopicPartition
 
 from common.data.events import Events
-from common.data.wire import decode_batch
+from common.data.wire_batch import decode_batch
 from common.infra.kafka_clients import make_consumer
 from common.infra.settings import KafkaSettings
 

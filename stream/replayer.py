@@ -4,7 +4,7 @@ Each event becomes one record: key = user_id (UTF-8), value = the wire JSON of
 ``common.data.wire`` (byte for byte what ``encode_event`` writes), Kafka timestamp = the
 wall-clock time it was handed to the producer, from which freshness is measured
 downstream. The batch is validated once, vectorised, before anything is sent
-(``common.data.wire.check_events``), so the per-event path only formats JSON and sends it.
+(``common.data.wire_batch.check_events``), so the per-event path only formats JSON and sends it.
 
 The producer is kafka-python's (``common.infra.kafka_clients.make_producer``), with big
 uncompressed batches; its ``send`` costs ~35 µs of Python a record, so a flat-out replay
@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from common.data.dataset import Dataset
 from common.data.events import Events
-from common.data.wire import InvalidEventError, check_events, encode_values
+from common.data.wire import InvalidEventError
+from common.data.wire_batch import check_events, encode_values
 from common.infra.kafka_clients import bootstrap_servers, ensure_topics, make_producer
 from common.infra.settings import KafkaSettings, Settings
 

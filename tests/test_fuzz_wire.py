@@ -28,10 +28,10 @@ from common.data.wire import (
     MIN_TS_MS,
     InvalidEventError,
     WireEvent,
-    decode_batch,
     decode_event,
     encode_event,
 )
+from common.data.wire_batch import decode_batch
 
 # Values beyond float32's range are rejected (they would become inf in the columns): a
 # cast that overflows is an error here.

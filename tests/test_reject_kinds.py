@@ -24,16 +24,16 @@ from test_fuzz_wire import FEWER, near_valid_records, records
 from test_wire import GOOD, _raw
 
 import common.data.wire as wire
+import common.data.wire_batch as wire_batch
 from common.data.events import Events
 from common.data.wire import (
     REJECT_KINDS,
     UNKNOWN_KIND,
     InvalidEventError,
-    check_events,
-    decode_batch,
     decode_event,
     reason_kind,
 )
+from common.data.wire_batch import check_events, decode_batch
 from stream.fetcher import _decode
 from stream.intake import Intake
 from stream.metrics import TrainerMetrics
@@ -61,8 +61,10 @@ def test_kinds_are_bounded_label_values() -> None:
 
 
 def test_every_raise_in_the_wire_module_names_a_known_kind() -> None:
-    """A reason added without a kind fails here, before any record finds it."""
-    calls = [node for node in ast.walk(ast.parse(inspect.getsource(wire)))
+    """A reason added without a kind fails here, before any record finds it (the contract
+    is two modules: one record, and whole batches)."""
+    calls = [node for module in (wire, wire_batch)
+             for node in ast.walk(ast.parse(inspect.getsource(module)))
              if isinstance(node, ast.Call) and getattr(node.func, "id", None)
              in ("InvalidEventError", "_invalid")]
     assert len(calls) >= 20
@@ -121,7 +123,7 @@ def test_the_replayers_size_check_is_too_large() -> None:
     events = _events(2)
     producer = SimpleNamespace(_max_bytes=10)
     with pytest.raises(InvalidEventError) as exc:
-        EventProducer._check_sizes(producer, events, wire.encode_values(events))  # type: ignore[arg-type]
+        EventProducer._check_sizes(producer, events, wire_batch.encode_values(events))  # type: ignore[arg-type]
     assert exc.value.kind == reason_kind(exc.value.reason) == "too_large"
 
 
@@ -129,7 +131,7 @@ def test_a_decoder_failure_is_internal(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(raw: bytes | None, max_bytes: int | None = None) -> Any:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(wire, "decode_event", broken)
+    monkeypatch.setattr(wire_batch, "decode_event", broken)
     [(n, reason)] = decode_batch([None]).rejects
     assert n == 0 and reason_kind(reason) == "internal"
 

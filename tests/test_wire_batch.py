@@ -14,11 +14,11 @@ from common.data.events import COLUMNS, Events
 from common.data.wire import (
     InvalidEventError,
     WireEvent,
-    decode_batch,
     decode_event,
     reason_kind,
     to_events,
 )
+from common.data.wire_batch import decode_batch
 
 INVALID = [
     (b"{oops", "not JSON", "bad_json"),
