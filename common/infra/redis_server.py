@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from common.infra.launcher import LaunchError, RecordedServer, ServerProcess, free_port, launch
@@ -68,14 +66,3 @@ def home_redis(run_dir: Path) -> RecordedServer[EmbeddedRedis]:
     persisting to ``run/redis-data``."""
     return RecordedServer(run_dir, "redis", EmbeddedRedis, b"-server", lambda d: EmbeddedRedis
                           .start(d / "redis-data", log_path=d / "redis.log", detached=True))
-
-
-@contextmanager
-def redis_or_embedded(url: str) -> Iterator[tuple[str, str]]:
-    """``url`` if set, else an embedded server (memory only) for the block's duration;
-    yields the URL and a description (for benchmark reports)."""
-    if url:
-        yield url, f"RECSTREAM_REDIS_URL={url}"
-        return
-    with EmbeddedRedis.start() as server:
-        yield server.url, f"embedded {Path(redis_binary()).name}, no persistence"
