@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from common.data.dataset import Dataset
 from common.data.events import DAY_MS, Events
-from common.infra.settings import Settings, TrainSettings
+from common.infra.settings import Settings
+from common.infra.settings_groups import TrainSettings
 from common.model.bundle import Examples, Features, ModelBundle, encode_examples
 from common.model.training import Trainer
 

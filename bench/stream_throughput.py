@@ -59,7 +59,8 @@ from common.infra.atomic import write_text_atomic  # noqa: E402
 from common.infra.broker import EmbeddedBroker  # noqa: E402
 from common.infra.kafka_clients import ensure_topics, make_consumer  # noqa: E402
 from common.infra.redis_server import redis_or_embedded  # noqa: E402
-from common.infra.settings import KafkaSettings, Settings, load_settings  # noqa: E402
+from common.infra.settings import Settings, load_settings  # noqa: E402
+from common.infra.settings_groups import KafkaSettings  # noqa: E402
 from common.infra.shutdown import StopFlag  # noqa: E402
 from publisher.control import ReleaseControl  # noqa: E402
 from publisher.redis_faiss import RedisFaissPublisher  # noqa: E402

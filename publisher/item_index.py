@@ -5,7 +5,7 @@ Exact inner-product search up to ``exact_max_items`` items, IVF above. Item ids 
 strings outside; inside FAISS they are 63-bit stable hashes, with a map back to names.
 
 >>> import tempfile
->>> from common.infra.settings import IndexSettings
+>>> from common.infra.settings_groups import IndexSettings
 >>> store = IndexStore(Path(tempfile.mkdtemp()), IndexSettings())
 >>> _ = store.write_full("v1", ["a", "b", "c"], np.eye(3, dtype=np.float32))
 >>> store.append_delta("v1", ["d"], np.array([[0.0, 0.6, 0.8]], np.float32))
@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 
 from common.infra.atomic import fsync_dir, npz_bytes, write_bytes_atomic, write_text_atomic
-from common.infra.settings import IndexSettings
+from common.infra.settings_groups import IndexSettings
 from common.model.freq import stable_hash
 
 _TRAIN_SEED = 0
