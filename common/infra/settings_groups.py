@@ -16,10 +16,11 @@ False
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -57,6 +58,17 @@ def _secret_file(path: str) -> str:
     return secret
 
 
+def _readable_secret_file(path: str) -> str:
+    if path:
+        _secret_file(path)
+    return path
+
+
+# A file holding a secret: readable and not empty at start-up (the secret itself is read
+# by the password field's validator).
+SecretFile = Annotated[str, AfterValidator(_readable_secret_file)]
+
+
 def _secret(value: SecretStr, path: str, name: str) -> SecretStr:
     """The secret from ``value`` or from the file at ``path`` (one of them, not both)."""
     if not path:
@@ -81,7 +93,7 @@ class KafkaSettings(_Group):
     sasl_mechanism: str = Field("", validate_default=True,
                                 description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
     sasl_username: str = Field("", validate_default=True)
-    sasl_password_file: str = Field("", description="a file holding the SASL password "
+    sasl_password_file: SecretFile = Field("", description="a file holding the SASL password "
                                     "(read at start-up; instead of sasl_password)")
     sasl_password: SecretStr = Field(SecretStr(""), validate_default=True)
     ssl_cafile: str = Field("", description="CA bundle to verify the brokers (SSL, SASL_SSL)")
@@ -120,13 +132,6 @@ class KafkaSettings(_Group):
                              f"SASL_SSL, not {protocol}")
         return v
 
-    @field_validator("sasl_password_file")
-    @classmethod
-    def _readable(cls, v: str) -> str:
-        if v:
-            _secret_file(v)
-        return v
-
     @field_validator("sasl_password")
     @classmethod
     def _password(cls, v: SecretStr, info: ValidationInfo) -> SecretStr:
@@ -154,7 +159,7 @@ class RedisSettings(_Group):
 
     url: str = Field("", repr=False, description="redis://, rediss:// (TLS) or unix://")
     username: str = Field("", description="ACL user (needs its password)")
-    password_file: str = Field("", description="a file holding the password (read at "
+    password_file: SecretFile = Field("", description="a file holding the password (read at "
                                "start-up; instead of password)")
     password: SecretStr = Field(SecretStr(""), validate_default=True)
     tls: bool = False
@@ -181,13 +186,6 @@ class RedisSettings(_Group):
             raise ValueError("is not a valid URL (bad host or port)") from None
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
-        return v
-
-    @field_validator("password_file")
-    @classmethod
-    def _readable(cls, v: str) -> str:
-        if v:
-            _secret_file(v)
         return v
 
     @field_validator("password")
