@@ -70,7 +70,7 @@ def build_scorer(name: str, settings: Settings, dataset: Dataset, train: Events,
     if name in BASELINES:
         return BASELINES[name](train, catalog, settings)
     variant = settings.with_overrides(**VARIANTS[name])
-    bundle, _ = bootstrap(variant, dataset, train)
+    bundle, _ = bootstrap(variant.model, variant.train, dataset, train)
     features = Features.build(bundle, dataset.users, dataset.items)
     return TwoTowerScorer(bundle, features, catalog)
 

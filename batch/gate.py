@@ -32,7 +32,7 @@ from common.data.dataset import Dataset
 from common.data.events import Events
 from common.evaluation.offline import evaluate_scorer
 from common.evaluation.two_tower import TwoTowerScorer
-from common.infra.settings import Settings
+from common.infra.settings_groups import EvalSettings, NightlySettings, TrainSettings
 from common.model.bundle import Features, ModelBundle
 
 
@@ -66,16 +66,18 @@ def split_holdout(day: Events, fraction: float) -> tuple[Events, Events, int]:
     return train, held_out, cutoff
 
 
-def evaluate_on_holdout(settings: Settings, dataset: Dataset, bundle: ModelBundle,
-                        train: Events, held_out: Events) -> dict[str, float]:
-    """Recall/NDCG/hit rate at ``eval.ks`` on the held-out events of a sample of users
-    (the day's earlier events are excluded from each user's ranking)."""
-    held_out = _sample_users(held_out, settings.nightly.eval_max_users, settings.train.seed)
+def evaluate_on_holdout(ns: NightlySettings, es: EvalSettings, ts: TrainSettings,
+                        dataset: Dataset, bundle: ModelBundle, train: Events,
+                        held_out: Events) -> dict[str, float]:
+    """Recall/NDCG/hit rate at ``es.ks`` on the held-out events of at most
+    ``ns.eval_max_users`` users (the day's earlier events are excluded from each user's
+    ranking)."""
+    held_out = _sample_users(held_out, ns.eval_max_users, ts.seed)
     catalog = dataset.catalog()
     scorer = TwoTowerScorer(bundle, Features.build(bundle, dataset.users, dataset.items),
                             catalog)
-    return evaluate_scorer(scorer, catalog, train, held_out, ks=settings.eval.ks,
-                           rating_threshold=settings.train.rating_threshold)
+    return evaluate_scorer(scorer, catalog, train, held_out, ks=es.ks,
+                           rating_threshold=ts.rating_threshold)
 
 
 def decide(candidate: dict[str, float], champion: dict[str, float] | None, metric: str,

@@ -33,8 +33,13 @@ from common.data.events import Events
 from common.data.wire import InvalidEventError, WireEvent, decode_event, to_events
 from common.evaluation.prequential import prequential_arms
 from common.evaluation.two_tower import TwoTowerScorer
-from common.infra.kafka_clients import bootstrap_servers, make_consumer
-from common.infra.settings import Settings
+from common.infra.kafka_clients import make_consumer
+from common.infra.settings_groups import (
+    EvalSettings,
+    KafkaSettings,
+    NightlySettings,
+    TrainSettings,
+)
 from common.model.bundle import Features
 from common.model.registry import RegistryError
 from publisher.base import PublishError
@@ -83,24 +88,23 @@ class GuardResult:
     k: int = 0
 
 
-def stream_end_offsets(settings: Settings, timeout_s: float = 30.0) -> dict[int, int]:
+def stream_end_offsets(ks: KafkaSettings, bootstrap: str,
+                       timeout_s: float = 30.0) -> dict[int, int]:
     """Where each partition of the interactions topic ends now: the guard's start."""
-    consumer = make_consumer(settings.kafka, bootstrap_servers(settings), group_id=None,
+    consumer = make_consumer(ks, bootstrap, group_id=None,
                              max_partition_fetch_bytes=64 * 1024, fetch_max_wait_ms=100)
     deadline = time.monotonic() + timeout_s
     try:
-        partitions = consumer.partitions_for_topic(settings.kafka.topic)
+        partitions = consumer.partitions_for_topic(ks.topic)
         if not partitions:
-            raise GuardError(f"topic {settings.kafka.topic!r} has no partitions (does it "
-                             "exist?)")
-        tps = [TopicPartition(settings.kafka.topic, p) for p in sorted(partitions)]
+            raise GuardError(f"topic {ks.topic!r} has no partitions (does it exist?)")
+        tps = [TopicPartition(ks.topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         for tp in tps:
             consumer.seek(tp, 0)  # any fetch answers with the high watermark
         while any(consumer.highwater(tp) is None for tp in tps):
             if time.monotonic() > deadline:
-                raise GuardError(f"no fetch answer from {settings.kafka.topic!r} within "
-                                 f"{timeout_s:g} s")
+                raise GuardError(f"no fetch answer from {ks.topic!r} within {timeout_s:g} s")
             consumer.poll(timeout_ms=100)
         return {tp.partition: int(consumer.highwater(tp)) for tp in tps}
     finally:
@@ -108,25 +112,31 @@ def stream_end_offsets(settings: Settings, timeout_s: float = 30.0) -> dict[int,
 
 
 class PromotionGuard:
-    """Checks a promotion on live events and rolls back a champion that does worse."""
+    """Checks a promotion on live events and rolls back a champion that does worse.
 
-    def __init__(self, settings: Settings, dataset: Dataset, control: ReleaseControl,
-                 metrics: GuardMetrics | None = None) -> None:
-        self.s, self.dataset, self.control = settings, dataset, control
+    Its knobs are ``ns.guard_*``; it reads the interactions topic with ``ks`` from
+    ``bootstrap``, takes K from the gate metric in ``es``, and counts as positives the
+    events ``ts.rating_threshold`` says are."""
+
+    def __init__(self, ns: NightlySettings, es: EvalSettings, ts: TrainSettings,
+                 ks: KafkaSettings, bootstrap: str, dataset: Dataset,
+                 control: ReleaseControl, metrics: GuardMetrics | None = None) -> None:
+        self.ns, self.es, self.ts, self.ks, self.bootstrap = ns, es, ts, ks, bootstrap
+        self.dataset, self.control = dataset, control
         self.metrics = metrics or GuardMetrics(CollectorRegistry())
 
     @property
     def k(self) -> int:
         """K of the gate metric (``recall@50`` → 50); the largest ``eval.ks`` without one."""
-        _, _, k = self.s.eval.gate_metric.partition("@")
-        return int(k) if k.isdigit() else max(self.s.eval.ks)
+        _, _, k = self.es.gate_metric.partition("@")
+        return int(k) if k.isdigit() else max(self.es.ks)
 
     def check(self, version: str, previous: str, start_offsets: dict[int, int],
               keep_waiting: Callable[[], bool] = lambda: True) -> GuardResult:
         """Wait for the first ``guard_events`` positives after ``start_offsets`` (partition
         → offset), score both versions on them, keep or roll back. Blocks up to
         ``guard_timeout_s``; ``keep_waiting`` turning false (a shutdown) ends the wait."""
-        n = self.s.nightly.guard_events
+        n = self.ns.guard_events
         if n == 0:
             return GuardResult(version, previous, "undecided", "guard off (guard_events=0)")
         events, positives = self._collect(start_offsets, n, keep_waiting)
@@ -134,7 +144,7 @@ class PromotionGuard:
             result = GuardResult(version, previous, "undecided",
                                  f"only {positives} of {n} positives streamed in before the "
                                  f"guard stopped waiting (timeout "
-                                 f"{self.s.nightly.guard_timeout_s:g} s)", positives, k=self.k)
+                                 f"{self.ns.guard_timeout_s:g} s)", positives, k=self.k)
         else:
             result = self._judge(version, previous, events, positives)
         self.metrics.checks.labels(result.decision).inc()
@@ -147,8 +157,8 @@ class PromotionGuard:
                  keep_waiting: Callable[[], bool]) -> tuple[Events, int]:
         """The events read from ``start_offsets`` up to the ``n``-th positive (or all read
         by the timeout), with their number of positives."""
-        ks, deadline = self.s.kafka, time.monotonic() + self.s.nightly.guard_timeout_s
-        consumer = make_consumer(ks, bootstrap_servers(self.s), group_id=None)
+        ks, deadline = self.ks, time.monotonic() + self.ns.guard_timeout_s
+        consumer = make_consumer(ks, self.bootstrap, group_id=None)
         read: list[Events] = []
         positives = 0
         try:
@@ -157,8 +167,7 @@ class PromotionGuard:
                 for records in consumer.poll(timeout_ms=200).values():
                     batch = to_events(e for e in (_decoded(r.value, ks.max_message_bytes)
                                                   for r in records) if e is not None)
-                    batch, found = _up_to(batch, n - positives,
-                                          self.s.train.rating_threshold)
+                    batch, found = _up_to(batch, n - positives, self.ts.rating_threshold)
                     read.append(batch)
                     positives += found
         finally:
@@ -177,7 +186,7 @@ class PromotionGuard:
             return GuardResult(version, previous, "undecided", f"none of the {positives} "
                                "positives could be scored (all seen or not in the catalogue)",
                                **figures)
-        tol = self.s.nightly.guard_tolerance
+        tol = self.ns.guard_tolerance
         compared = (f"recall@{self.k} {new_r:.4f} against {previous}'s {old_r:.4f} on "
                     f"{scored} events (tolerance {tol:g})")
         if new_r >= old_r - tol:
@@ -196,7 +205,7 @@ class PromotionGuard:
         # What a user saw before the first event is filtered out, as serving does.
         seen = self.dataset.events.between(None, int(events.ts_ms.min()))
         out = prequential_arms(arms, _no_learning, catalog, events, (self.k,),
-                               rating_threshold=self.s.train.rating_threshold, seen=seen)
+                               rating_threshold=self.ts.rating_threshold, seen=seen)
         new, old = out["champion"][self.k], out["previous"][self.k]
         return new.recall, old.recall, len(new.hit)
 

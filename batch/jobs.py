@@ -37,7 +37,7 @@ def bootstrap_job(settings: Settings, dataset: Dataset, start_ms: int | None,
     if len(history) == 0:
         raise ValueError("no events in the requested range; check --from/--to")
     cutoff = int(history.ts_ms.max()) + 1 if end_ms is None else end_ms
-    bundle, stats = bootstrap(settings, dataset, history, epochs)
+    bundle, stats = bootstrap(settings.model, settings.train, dataset, history, epochs)
     registry = Registry(settings.models_dir)
     version = registry.register(
         bundle, kind="bootstrap", cutoff_ms=cutoff, parent=None, metrics={},
@@ -63,7 +63,7 @@ def nightly_job(settings: Settings, dataset: Dataset, day_ms: int, promote: bool
     source = "dataset" if day_events is None else "landed"
     if day_events is None:
         day_events = dataset.events.between(day_ms, day_ms + DAY_MS)
-    stats = nightly(settings, bundle, dataset, day_events)
+    stats = nightly(settings.train, bundle, dataset, day_events)
     version = registry.register(
         bundle, kind="nightly", cutoff_ms=day_ms + DAY_MS, parent=meta["version"], metrics={},
         config_hash=settings.model_hash(),

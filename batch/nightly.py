@@ -30,6 +30,7 @@ from batch.trainer import nightly
 from common.data.dataset import Dataset
 from common.data.events import DAY_MS, Events, format_day, parse_day
 from common.data.landed import landed_through, read_landed_day
+from common.infra.kafka_clients import bootstrap_servers
 from common.infra.settings import Settings
 from common.model.registry import Registry
 from publisher.control import ReleaseControl
@@ -134,15 +135,16 @@ class NightlyJob:
         with self._step("train", report):
             bundle, meta = self.registry.load(champion)
             train, held_out, cutoff = split_holdout(events, self.s.nightly.holdout_fraction)
-            stats = nightly(self.s, bundle, self.dataset, train)
+            stats = nightly(self.s.train, bundle, self.dataset, train)
             report.examples, report.examples_per_s, report.loss = \
                 stats.examples, stats.examples_per_s, stats.final_loss
             self.metrics.examples_per_s.set(stats.examples_per_s)
             self.metrics.loss.set(stats.final_loss)
         with self._step("evaluate", report):
-            report.metrics = evaluate_on_holdout(self.s, self.dataset, bundle, train, held_out)
+            groups = self.s.nightly, self.s.eval, self.s.train
+            report.metrics = evaluate_on_holdout(*groups, self.dataset, bundle, train, held_out)
             old, _ = self.registry.load(champion)
-            report.champion_metrics = evaluate_on_holdout(self.s, self.dataset, old, train,
+            report.champion_metrics = evaluate_on_holdout(*groups, self.dataset, old, train,
                                                           held_out)
             for name in _figures(report.metrics):
                 self.metrics.eval.labels(name, "candidate").set(report.metrics[name])
@@ -175,7 +177,8 @@ class NightlyJob:
         report.result, report.previous = "released", release.previous
         if self.s.nightly.guard_events and release.previous is not None:
             try:
-                report.guard_start = stream_end_offsets(self.s)
+                report.guard_start = stream_end_offsets(self.s.kafka,
+                                                        bootstrap_servers(self.s))
             except (GuardError, KafkaError) as exc:
                 log.error("released, but the guard cannot start: the broker did not answer",
                           extra={"version": version, "error": str(exc)})
@@ -233,7 +236,8 @@ def guard_release(settings: Settings, dataset: Dataset, control: ReleaseControl,
     if report.result != "released" or report.guard_start is None or report.version is None \
             or report.previous is None:
         return None
-    guard = PromotionGuard(settings, dataset, control, metrics.guard)
+    guard = PromotionGuard(settings.nightly, settings.eval, settings.train, settings.kafka,
+                           bootstrap_servers(settings), dataset, control, metrics.guard)
     return guard.check(report.version, report.previous, report.guard_start, keep_waiting)
 
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from common.data.dataset import Dataset
 from common.data.events import DAY_MS, Events
-from common.infra.settings import Settings, TrainSettings
+from common.infra.settings_groups import ModelSettings, TrainSettings
 from common.model.bundle import Examples, Features, ModelBundle, encode_examples
 from common.model.training import Trainer
 
@@ -95,15 +95,14 @@ def run_epochs(trainer: Trainer, examples: Examples, epochs: int, ts: TrainSetti
                       float(np.mean(losses[-20:])) if losses else float("nan"))
 
 
-def bootstrap(settings: Settings, dataset: Dataset, history: Events,
+def bootstrap(ms: ModelSettings, ts: TrainSettings, dataset: Dataset, history: Events,
               epochs: int | None = None) -> tuple[ModelBundle, TrainStats]:
     """First model from a range of history (several epochs, everything trained)."""
-    ts = settings.train
     positives = history.positives(ts.rating_threshold)
     if len(positives) < 2:
         raise EmptyTrainingDataError(
             f"bootstrap needs positive events, got {len(positives)} in {len(history)} events")
-    bundle = ModelBundle.create(settings.model, dataset.users, dataset.items, seed=ts.seed)
+    bundle = ModelBundle.create(ms, dataset.users, dataset.items, seed=ts.seed)
     bundle.observe(positives)
     features = Features.build(bundle, dataset.users, dataset.items)
     trainer = Trainer(bundle, features, ts, mode="full")
@@ -114,10 +113,9 @@ def bootstrap(settings: Settings, dataset: Dataset, history: Events,
     return bundle, stats
 
 
-def nightly(settings: Settings, bundle: ModelBundle, dataset: Dataset,
+def nightly(ts: TrainSettings, bundle: ModelBundle, dataset: Dataset,
             day_events: Events) -> TrainStats:
     """One shuffled epoch over a day's events, every parameter updated, in place."""
-    ts = settings.train
     positives = day_events.positives(ts.rating_threshold)
     if len(positives) < 2:
         raise EmptyTrainingDataError(

@@ -243,7 +243,7 @@ def api_phase(s: Settings, client: RedisClient, args: argparse.Namespace,
     # As ``recstream serve`` does: one thread per request, no OpenMP pools per request.
     torch.set_num_threads(s.serving.threads or 1)
     faiss.omp_set_num_threads(s.serving.threads or 1)
-    service = RecallService(s, publisher.users, publisher.indexes, registry)
+    service = RecallService(s.serving, publisher.users, publisher.indexes, registry)
     start = time.perf_counter()
     served = wait_until_serving(service, version, timeout_s=600)
     load_s = time.perf_counter() - start

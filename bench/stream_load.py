@@ -17,7 +17,8 @@ from common.data.dataset import Dataset
 from common.data.events import Events
 from common.data.synthetic import SyntheticConfig, generate
 from common.data.wire_batch import check_events
-from common.infra.settings import KafkaSettings, Settings
+from common.infra.settings import Settings
+from common.infra.settings_groups import KafkaSettings
 from stream.replayer import CHUNK_EVENTS, EventProducer
 
 EVENTS_PER_DAY = 200_000

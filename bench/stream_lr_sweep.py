@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     split = parse_day(default_train_before(data.events, TEST_DAYS))
     history, test = data.events.between(None, split), data.events.between(split)
     started = harness.Timer()  # the whole sweep, bootstrap included
-    base, _ = bootstrap(s, data, history)
+    base, _ = bootstrap(s.model, s.train, data, history)
     catalog = data.catalog()
 
     def scorer(lr: float | None) -> TwoTowerScorer:

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from common.data.dataset import Dataset
-from common.infra.settings import EvalSettings, PublisherSettings, Settings
+from common.infra.settings import Settings
+from common.infra.settings_groups import EvalSettings, PublisherSettings
 from common.model.bundle import Features
 from common.model.registry import Registry, RegistryError, VersionNotFoundError
 from publisher.redis_faiss import FullPublishReport, RedisFaissPublisher, history_of

@@ -3,7 +3,7 @@ directory and renamed into place, its deltas appended as durable files, folded i
 new snapshot every ``snapshot_every_deltas``; readers load a snapshot and its deltas.
 
 >>> import tempfile
->>> from common.infra.settings import IndexSettings
+>>> from common.infra.settings_groups import IndexSettings
 >>> store = IndexStore(Path(tempfile.mkdtemp()), IndexSettings())
 >>> _ = store.write_full("v1", ["a", "b", "c"], np.eye(3, dtype=np.float32))
 >>> store.append_delta("v1", ["d"], np.array([[0.0, 0.6, 0.8]], np.float32))
@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 
 from common.infra.atomic import fsync_dir, npz_bytes, write_bytes_atomic, write_text_atomic
-from common.infra.settings import IndexSettings
+from common.infra.settings_groups import IndexSettings
 from publisher.item_index import ItemIndex, checked_vectors, nprobe_for
 
 _ATTEMPTS = 3

@@ -4,7 +4,7 @@ deltas, and double-buffered for serving (its versioned files: ``publisher.index_
 Exact inner-product search up to ``exact_max_items`` items, IVF above. Item ids are
 strings outside; inside FAISS they are 63-bit stable hashes, with a map back to names.
 
->>> from common.infra.settings import IndexSettings
+>>> from common.infra.settings_groups import IndexSettings
 >>> index = ItemIndex.build("v1", ["a", "b", "c"], np.eye(3, dtype=np.float32), IndexSettings())
 >>> index.apply(["d"], np.array([[0.0, 0.6, 0.8]], np.float32))
 >>> [name for name, _ in index.search(np.array([[0.0, 0.0, 1.0]], np.float32), 2)[0]]
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from common.infra.settings import IndexSettings
+from common.infra.settings_groups import IndexSettings
 from common.model.freq import stable_hash
 
 _TRAIN_SEED = 0

@@ -32,7 +32,7 @@ import numpy as np
 import redis
 
 from common.infra.redis_client import RedisClient
-from common.infra.settings import RedisSettings
+from common.infra.settings_groups import RedisSettings
 from common.model.freq import stable_hash
 from publisher.base import PublishError
 from publisher.resp import Commands, execute

@@ -76,8 +76,8 @@ class DemoSystem:
         self.control = ReleaseControl.from_settings(self.s,
                                                     RedisFaissPublisher.from_settings(self.s))
         self.registry: Registry = self.control.registry
-        self.service = RecallService(self.s, self.control.pub.users, self.control.pub.indexes,
-                                     self.registry)
+        self.service = RecallService(self.s.serving, self.control.pub.users,
+                                     self.control.pub.indexes, self.registry)
         self.producer = EventProducer(self.s.kafka, self.s.kafka.bootstrap, self.s.kafka.topic)
         self.nightly_metrics = NightlyMetrics()
 

@@ -89,7 +89,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _recall(self, query: str) -> None:
         svc, t0 = self.server.service, time.perf_counter()
         try:
-            user_id, k = parse_recall(query, svc.s.serving.default_k, svc.s.serving.max_k)
+            user_id, k = parse_recall(query, svc.serving.default_k, svc.serving.max_k)
         except BadRequestError as exc:
             self._json(400, {"error": str(exc)}, "recall")
             return
@@ -170,7 +170,8 @@ def run_serving(settings: Settings, stop: Any = None) -> None:
         torch.set_num_threads(settings.serving.threads)
         faiss.omp_set_num_threads(settings.serving.threads)
     pub = RedisFaissPublisher.from_settings(settings)
-    service = RecallService(settings, pub.users, pub.indexes, Registry(settings.models_dir))
+    service = RecallService(settings.serving, pub.users, pub.indexes,
+                            Registry(settings.models_dir))
     with ReleaseWatcher(service, settings.serving.version_poll_s), \
             serve_http(service, settings.serving.host, settings.serving.port) as server:
         log.warning("serving", extra={"address": f"{server.server_address[0]}:"

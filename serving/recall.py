@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from common.infra.settings import Settings
+from common.infra.settings_groups import ServingSettings
 from common.model.registry import Registry, RegistryError
 from publisher.base import PublishError
 from publisher.index_store import IndexStore, IndexStoreError
@@ -48,9 +48,10 @@ class Recall:
 class RecallService:
     """Answers recall requests from the currently released version."""
 
-    def __init__(self, settings: Settings, users: UserStore, indexes: IndexStore,
+    def __init__(self, serving: ServingSettings, users: UserStore, indexes: IndexStore,
                  registry: Registry, metrics: ServingMetrics | None = None) -> None:
-        self.s, self.users, self.indexes, self.registry = settings, users, indexes, registry
+        self.serving, self.users, self.indexes = serving, users, indexes
+        self.registry = registry
         self.metrics = metrics or ServingMetrics()
         self.current: ServedVersion | None = None
         self._refresh_lock = threading.Lock()
@@ -96,7 +97,7 @@ class RecallService:
                 return False
             try:
                 loaded = load_version(champion, self.registry, self.indexes, self.users,
-                                      self.s.serving.popular_items)
+                                      self.serving.popular_items)
             except (RegistryError, IndexStoreError, VersionStateError, OSError) as exc:
                 self.metrics.reload_failures.inc()
                 log.error("cannot load the released version; still serving the old one",
@@ -116,7 +117,7 @@ class RecallService:
         except IndexStoreError as exc:  # a gap: the deltas were folded into a snapshot
             log.info("reloading the index from its snapshot", extra={"error": str(exc)})
             self.current = load_version(served.version, self.registry, self.indexes,
-                                        self.users, self.s.serving.popular_items)
+                                        self.users, self.serving.popular_items)
             return
         for seq, names, vectors in deltas:
             served.index.update(names, vectors, seq)

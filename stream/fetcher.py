@@ -30,7 +30,7 @@ from kafka import TopicPartition
 from common.data.events import Events
 from common.data.wire_batch import decode_batch
 from common.infra.kafka_clients import make_consumer
-from common.infra.settings import KafkaSettings
+from common.infra.settings_groups import KafkaSettings
 
 _START_TIMEOUT_S = 60.0
 

@@ -15,7 +15,8 @@ import torch
 
 from common.data.dataset import Dataset
 from common.data.events import Events
-from common.infra.settings import Settings, TrainSettings
+from common.infra.settings import Settings
+from common.infra.settings_groups import TrainSettings
 from common.model.bundle import BatchIds, Features, ModelBundle, encode_examples
 from common.model.training import Trainer, TrainingDivergedError
 from common.model.vectors import item_vectors

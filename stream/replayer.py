@@ -43,7 +43,8 @@ from common.data.events import Events
 from common.data.wire import InvalidEventError
 from common.data.wire_batch import check_events, encode_values
 from common.infra.kafka_clients import bootstrap_servers, ensure_topics, make_producer
-from common.infra.settings import KafkaSettings, Settings
+from common.infra.settings import Settings
+from common.infra.settings_groups import KafkaSettings
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,8 @@ def released_champion(settings: Settings, dataset: Dataset, end_ms: int) -> str:
 
 def service_for(settings: Settings) -> RecallService:
     pub = RedisFaissPublisher.from_settings(settings)
-    return RecallService(settings, pub.users, pub.indexes, Registry(settings.models_dir))
+    return RecallService(settings.serving, pub.users, pub.indexes,
+                         Registry(settings.models_dir))
 
 
 def exact_answer(settings: Settings, dataset: Dataset, version: str, user_id: str, k: int,

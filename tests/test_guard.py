@@ -81,6 +81,14 @@ def guard_settings(tmp_path: Path, models: Models, redis_url: str, prefix: str,
     return settings
 
 
+def guard_for(settings: Settings, world: SyntheticData, control: ReleaseControl,
+              registry: CollectorRegistry) -> PromotionGuard:
+    """The guard over the test broker, its figures on ``registry``."""
+    return PromotionGuard(settings.nightly, settings.eval, settings.train, settings.kafka,
+                          settings.kafka.bootstrap, world.dataset, control,
+                          GuardMetrics(registry))
+
+
 def promoted(settings: Settings, world: SyntheticData, previous: str,
              new: str) -> ReleaseControl:
     """Release ``previous``, then promote ``new`` over it (forced: no offline metrics)."""
@@ -107,10 +115,10 @@ def test_a_better_champion_is_kept(
         world: SyntheticData, models: Models) -> None:
     settings = guard_settings(tmp_path, models, redis_url, prefix, kafka_bootstrap, topic)
     control = promoted(settings, world, models.previous, models.good)
-    start = stream_end_offsets(settings)
+    start = stream_end_offsets(settings.kafka, settings.kafka.bootstrap)
     produce(kafka_bootstrap, topic, next_day(world, 2 * GUARD_EVENTS))
     registry = CollectorRegistry()
-    result = PromotionGuard(settings, world.dataset, control, GuardMetrics(registry)).check(
+    result = guard_for(settings, world, control, registry).check(
         models.good, models.previous, start)
     assert result.decision == "keep", result.reason
     assert result.events == GUARD_EVENTS and 0 < result.scored <= GUARD_EVENTS
@@ -128,10 +136,10 @@ def test_a_broken_champion_is_rolled_back_and_withdrawn(
         world: SyntheticData, models: Models) -> None:
     settings = guard_settings(tmp_path, models, redis_url, prefix, kafka_bootstrap, topic)
     control = promoted(settings, world, models.previous, models.broken)
-    start = stream_end_offsets(settings)
+    start = stream_end_offsets(settings.kafka, settings.kafka.bootstrap)
     produce(kafka_bootstrap, topic, next_day(world, 2 * GUARD_EVENTS))
     registry = CollectorRegistry()
-    result = PromotionGuard(settings, world.dataset, control, GuardMetrics(registry)).check(
+    result = guard_for(settings, world, control, registry).check(
         models.broken, models.previous, start)
     assert result.decision == "rollback", result.reason
     assert result.champion_recall < result.previous_recall - 0.02
@@ -150,13 +158,13 @@ def test_a_release_changed_meanwhile_is_left_alone(
         world: SyntheticData, models: Models) -> None:
     settings = guard_settings(tmp_path, models, redis_url, prefix, kafka_bootstrap, topic)
     control = promoted(settings, world, models.previous, models.broken)
-    start = stream_end_offsets(settings)
+    start = stream_end_offsets(settings.kafka, settings.kafka.bootstrap)
     # An operator promotes another version before the guard has its events.
     control.publish(models.good, world.dataset)
     before = control.promote(models.good, force=True)
     produce(kafka_bootstrap, topic, next_day(world, 2 * GUARD_EVENTS))
     registry = CollectorRegistry()
-    result = PromotionGuard(settings, world.dataset, control, GuardMetrics(registry)).check(
+    result = guard_for(settings, world, control, registry).check(
         models.broken, models.previous, start)
     assert result.decision == "undecided"
     assert "release changed meanwhile" in result.reason
@@ -175,12 +183,12 @@ def test_too_few_events_before_the_timeout_decide_nothing(
     control = promoted(settings, world, models.previous, models.broken)
     # Events from before the promotion are not the guard's: it starts at the ends.
     produce(kafka_bootstrap, topic, world.dataset.events.take(np.arange(300)))
-    start = stream_end_offsets(settings)
+    start = stream_end_offsets(settings.kafka, settings.kafka.bootstrap)
     assert sum(start.values()) == 300
     produce(kafka_bootstrap, topic, next_day(world, 50))
     before = control.pub.users.release()
     registry = CollectorRegistry()
-    result = PromotionGuard(settings, world.dataset, control, GuardMetrics(registry)).check(
+    result = guard_for(settings, world, control, registry).check(
         models.broken, models.previous, start)
     assert result.decision == "undecided" and result.events == 50
     assert f"only 50 of {GUARD_EVENTS} positives" in result.reason

@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 import pytest
 
-from common.infra.settings import IndexSettings
+from common.infra.settings_groups import IndexSettings
 from publisher.index_store import (
     DeltaGapError,
     IndexCorruptError,

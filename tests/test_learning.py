@@ -56,7 +56,8 @@ def _recall50(bundle: ModelBundle, ds: Dataset, train: Events, test: Events) -> 
 def test_two_tower_recall_is_3x_popularity_on_planted_clusters(planted: SyntheticData) -> None:
     ds = planted.dataset
     train, test = temporal_split(ds.events, int(planted.day_start_ms[-1]), 1)
-    bundle, _ = bootstrap(_settings(), ds, train)
+    settings = _settings()
+    bundle, _ = bootstrap(settings.model, settings.train, ds, train)
     model_recall = _recall50(bundle, ds, train, test)
     popularity = evaluate_scorer(PopularityScorer(train, ds.catalog()), ds.catalog(), train,
                                  test)["recall@50"]
@@ -68,10 +69,11 @@ def test_two_tower_recall_is_3x_popularity_on_planted_clusters(planted: Syntheti
 def test_nightly_update_beats_the_champion_on_the_next_day(drifting: SyntheticData) -> None:
     ds, starts = drifting.dataset, drifting.day_start_ms
     settings = _settings()
-    bundle, _ = bootstrap(settings, ds, ds.events.between(None, int(starts[-2])))
+    bundle, _ = bootstrap(settings.model, settings.train, ds,
+                          ds.events.between(None, int(starts[-2])))
     train, test = temporal_split(ds.events, int(starts[-1]), 1)
     champion = _recall50(bundle, ds, train, test)
-    nightly(settings, bundle, ds, ds.events.between(int(starts[-2]), int(starts[-1])))
+    nightly(settings.train, bundle, ds, ds.events.between(int(starts[-2]), int(starts[-1])))
     updated = _recall50(bundle, ds, train, test)
     print(f"next-day recall@50: champion {champion:.3f}, after nightly {updated:.3f}")
     assert updated > champion + 0.02
@@ -80,8 +82,9 @@ def test_nightly_update_beats_the_champion_on_the_next_day(drifting: SyntheticDa
 def test_bootstrap_is_deterministic_for_a_seed(planted: SyntheticData) -> None:
     ds = planted.dataset
     history = ds.events.between(None, int(planted.day_start_ms[1]))
-    a, _ = bootstrap(_settings(), ds, history, epochs=1)
-    b, _ = bootstrap(_settings(), ds, history, epochs=1)
+    settings = _settings()
+    a, _ = bootstrap(settings.model, settings.train, ds, history, epochs=1)
+    b, _ = bootstrap(settings.model, settings.train, ds, history, epochs=1)
     for key, value in a.model.state_dict().items():
         assert np.array_equal(value.numpy(), b.model.state_dict()[key].numpy()), key
 
@@ -89,7 +92,7 @@ def test_bootstrap_is_deterministic_for_a_seed(planted: SyntheticData) -> None:
 def test_unknown_users_and_items_still_get_finite_scores() -> None:
     ds = make_dataset()
     settings = small_settings()
-    bundle, _ = bootstrap(settings, ds, ds.events, epochs=1)
+    bundle, _ = bootstrap(settings.model, settings.train, ds, ds.events, epochs=1)
     catalog = np.asarray([*ds.catalog(), "brand-new-item"], dtype=object)
     scorer = TwoTowerScorer(bundle, Features.build(bundle, ds.users, ds.items), catalog)
     scores = scorer.score(["u1", "never-seen-user"])
@@ -142,8 +145,9 @@ def test_nan_and_inf_inputs_are_not_positives_and_do_not_poison_training() -> No
         event_type=["rating", "rating"], value=[np.nan, np.inf], ts_ms=[1, 2])
     assert len(bad.positives(4.0)) == 0
     events = Events.concat([ds.events, bad]).sorted_by_time()
-    bundle, stats = bootstrap(small_settings(), Dataset("t", events, ds.users, ds.items),
-                              events, epochs=1)
+    settings = small_settings()
+    bundle, stats = bootstrap(settings.model, settings.train,
+                              Dataset("t", events, ds.users, ds.items), events, epochs=1)
     assert np.isfinite(stats.final_loss)
 
 
@@ -153,7 +157,8 @@ def test_training_on_no_positives_is_a_clear_error() -> None:
         event_id=["a", "b"], user_id=["u1", "u2"], item_id=["i1", "i2"],
         event_type=["rating", "rating"], value=[1.0, 2.0], ts_ms=[1, 2])
     with pytest.raises(EmptyTrainingDataError, match="positive"):
-        bootstrap(small_settings(), ds, only_low_ratings)
+        settings = small_settings()
+        bootstrap(settings.model, settings.train, ds, only_low_ratings)
 
 
 def test_embedding_only_updates_beat_a_frozen_model_prequentially(
@@ -168,7 +173,7 @@ def test_embedding_only_updates_beat_a_frozen_model_prequentially(
     drifted = [f"u{k}" for k in np.flatnonzero(moved)]
     recalls = {}
     for learns in (False, True):
-        bundle, _ = bootstrap(settings, ds, history)
+        bundle, _ = bootstrap(settings.model, settings.train, ds, history)
         features = Features.build(bundle, ds.users, ds.items)
         trainer = Trainer(bundle, features, settings.train, mode="embedding") if learns \
             else None

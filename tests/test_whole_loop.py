@@ -59,7 +59,7 @@ def test_each_day_boundary_released_a_nightly_after_the_rebase(loop: dict) -> No
 def test_serving_answers_from_the_champion_and_follows_a_rollback(loop: dict) -> None:
     settings = load_settings(loop["summary"]["env"])
     control = ReleaseControl.from_settings(settings)
-    service = RecallService(settings, control.pub.users, control.pub.indexes,
+    service = RecallService(settings.serving, control.pub.users, control.pub.indexes,
                             Registry(settings.models_dir))
     release = control.pub.users.release()
     wait_until_serving(service, release.champion)

@@ -16,7 +16,8 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import Gauge
 
 from common.infra.broker import ensure_broker
-from common.infra.settings import KafkaSettings, Settings
+from common.infra.settings import Settings
+from common.infra.settings_groups import KafkaSettings
 
 
 def bootstrap_servers(settings: Settings) -> str:

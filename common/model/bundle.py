@@ -12,7 +12,7 @@ import torch
 
 from common.data.events import Events
 from common.data.tables import FeatureTable
-from common.infra.settings import ModelSettings
+from common.infra.settings_groups import ModelSettings
 from common.model.features import EncodedFeatures, FeatureEncoder
 from common.model.freq import FrequencyEstimator, stable_hash
 from common.model.towers import TwoTower, TwoTowerConfig

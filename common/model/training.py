@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.infra.settings import TrainSettings
+from common.infra.settings_groups import TrainSettings
 from common.model.bundle import Examples, Features, ModelBundle
 from common.model.losses import inbatch_softmax_loss, pointwise_bce_loss
 
