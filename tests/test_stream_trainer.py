@@ -56,11 +56,13 @@ class Running:
 
     def __init__(self, settings: Settings, world: SyntheticData, publisher: object) -> None:
         self.stop = StopFlag()
-        self.trainer = TrainerConsumer(settings, world.dataset, publisher,  # type: ignore[arg-type]
-                                       settings.kafka.bootstrap, stop=self.stop)
+        self.trainer = TrainerConsumer.from_settings(
+            settings, world.dataset, publisher,  # type: ignore[arg-type]
+            settings.kafka.bootstrap, stop=self.stop)
         self.thread = threading.Thread(target=self.trainer.run, daemon=True)
 
     def __enter__(self) -> TrainerConsumer:
+        self.trainer.start()
         self.thread.start()
         return self.trainer
 
@@ -242,7 +244,8 @@ def test_a_second_trainer_on_the_same_home_is_refused(settings: Settings,
                                                       world: SyntheticData) -> None:
     publisher = FilePublisher(settings.home / "published")
     with Running(settings, world, publisher), pytest.raises(TrainerLockedError, match="pid"):
-        TrainerConsumer(settings, world.dataset, publisher, settings.kafka.bootstrap)
+        TrainerConsumer.from_settings(settings, world.dataset, publisher,
+                                      settings.kafka.bootstrap).start()
 
 
 def test_a_rebalance_checkpoints_and_loses_or_repeats_nothing(
@@ -280,8 +283,10 @@ class BrokenPublisher(FilePublisher):
 def test_an_unexpected_error_mid_step_saves_nothing_unpublished(
         settings: Settings, world: SyntheticData) -> None:
     produce(settings.kafka.bootstrap, settings.kafka.topic, _day(world, 2).take(np.arange(800)))
-    trainer = TrainerConsumer(settings, world.dataset, BrokenPublisher(settings.home / "p"),
-                              settings.kafka.bootstrap)
+    trainer = TrainerConsumer.from_settings(settings, world.dataset,
+                                            BrokenPublisher(settings.home / "p"),
+                                            settings.kafka.bootstrap)
+    trainer.start()
     with pytest.raises(RuntimeError, match="injected"):
         trainer.run()
     saved = load_checkpoint(settings.checkpoints_dir / "trainer")
