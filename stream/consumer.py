@@ -1,9 +1,9 @@
 """The trainer consumer: micro-batches from Kafka → embedding-only step → publish → commit.
 
-Here: starting and stopping, the group membership and the poll loop. The steps and the
-rules they keep are in ``stream.steps``, the state in ``stream.state``, offsets and
-commits in ``stream.offsets``, publish retries in ``stream.publishing``, what a started
-trainer holds in ``stream.lifecycle``, the rebase in ``stream.rebase``.
+Here: start and stop, group membership, the poll loop. Elsewhere: the steps and the
+rules they keep (``stream.steps``), the state (``stream.state``), offsets and commits
+(``stream.offsets``), publish retries (``stream.publishing``), what a started trainer
+holds (``stream.lifecycle``), the rebase (``stream.rebase``).
 
 A trainer runs once: constructed without side effects, ``start()`` (or ``with``), then
 ``run()``, which checkpoints and closes on the way out (``close()`` again: nothing).
@@ -182,6 +182,8 @@ class TrainerConsumer:
     def run(self, max_steps: int | None = None) -> None:
         """Poll, step, publish, commit until stopped (or ``max_steps``); then checkpoint
         (``Steps.last_checkpoint``) and close."""
+        if self._clients is None:
+            raise RuntimeError("start() the trainer before run()")
         steps = self.steps
         self.consumer.subscribe([self.kafka.topic], listener=_Rebalance(self))
         self.max_steps = max_steps
