@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kafka import ConsumerRebalanceListener
+from kafka import ConsumerRebalanceListener, KafkaConsumer
 
 from common.data.dataset import Dataset
 from common.infra.settings import KafkaSettings, Settings, StreamSettings, TrainSettings
@@ -59,7 +59,7 @@ class TrainerConsumer:
     what they include) lives in ``ckpt_dir``."""
 
     # From start() on:
-    consumer: Any  # the group consumer (a KafkaConsumer); it never fetches
+    consumer: KafkaConsumer  # the group member; it never fetches
     intake: Intake
     feed: Feed
     steps: Steps

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from kafka import KafkaConsumer
 
 from common.infra.kafka_clients import make_consumer, make_producer
 from common.infra.settings import KafkaSettings, StreamSettings
@@ -32,7 +33,7 @@ class Clients:
     paused), the dead-letter producer, the learner thread, the checkpoint writer and
     the fetch process."""
 
-    consumer: Any  # kafka.KafkaConsumer
+    consumer: KafkaConsumer
     intake: Intake
     learner_thread: ThreadPoolExecutor
     writer: CheckpointWriter
