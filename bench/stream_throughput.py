@@ -124,8 +124,9 @@ class TrainerThread:
 
     def __init__(self, settings: Settings, dataset: Dataset) -> None:
         self.stop = StopFlag()
-        self.trainer = TrainerConsumer(settings, dataset, make_publisher(settings),
-                                       settings.kafka.bootstrap, stop=self.stop)
+        self.trainer = TrainerConsumer.from_settings(settings, dataset, make_publisher(settings),
+                                                     settings.kafka.bootstrap, stop=self.stop)
+        self.trainer.start()
         self.first_record_at: float | None = None
         self.error: BaseException | None = None
         receive = self.trainer.feed.receive

@@ -39,12 +39,14 @@ def run_trainer_daemon(settings: Settings, dataset: Dataset, max_steps: int | No
     metrics = TrainerMetrics()
     with serve_metrics(metrics.registry, settings.stream.metrics_host,
                        settings.stream.trainer_metrics_port) as endpoint:
-        trainer = TrainerConsumer(settings, dataset, make_publisher(settings), bootstrap,
-                                  metrics, stop)
-        endpoint.health = trainer.health
-        log.info("stream trainer started", extra={
-            "bootstrap": bootstrap, "version": trainer.learner.version, "step": trainer.step_no})
-        trainer.run(max_steps)
+        trainer = TrainerConsumer.from_settings(settings, dataset, make_publisher(settings),
+                                                bootstrap, metrics, stop)
+        with trainer:
+            endpoint.health = trainer.health
+            log.info("stream trainer started", extra={
+                "bootstrap": bootstrap, "version": trainer.learner.version,
+                "step": trainer.step_no})
+            trainer.run(max_steps)
     log.info("stream trainer stopped", extra={"reason": stop.reason or "max steps",
                                               "steps": trainer.step_no,
                                               "events": trainer.events_applied})

@@ -111,3 +111,10 @@ class Intake:
                 return
         raise DeadLetterError(f"{len(self._unacked)} dead letters were not acknowledged by "
                               f"{self.dlq_topic}")
+
+    def close(self) -> None:
+        """Deliver the dead letters still in flight (briefly), then close the producer."""
+        try:
+            self.flush(timeout_s=5)
+        finally:
+            self.dlq.close(timeout=5)

@@ -2,8 +2,8 @@
 
 Consumer group ``lander`` reads the topic, buffers valid events by UTC day and, every
 ``lander_flush_s`` seconds or ``lander_max_rows`` rows, writes one file per (day,
-partition) under ``events/date=YYYY-MM-DD/`` (see ``common.data.landed``); only when all
-files of a flush are durable does it commit the offsets they cover.
+partition) under ``events/date=YYYY-MM-DD/`` (``stream.parts``); only when all files of
+a flush are durable does it commit the offsets they cover.
 
 Exactly once after any crash: a re-read record whose offset lies in a landed file of
 its day and partition is skipped (the crash came after the rename, before the
@@ -14,49 +14,28 @@ trainer is the consumer that dead-letters them.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.data.events import format_day
-from common.data.landed import (
-    SCHEMA,
-    LandedIndex,
-    day_dir,
-    landed_watermark_ms,
-    part_name,
-    read_event_ids,
-    remove_stale_temps,
-)
-from common.data.wire import InvalidEventError, WireEvent, decode_event
-from common.infra.atomic import atomic_writer, fsync_dir
+from common.data.landed import landed_watermark_ms, remove_stale_temps
+from common.data.wire import InvalidEventError, decode_event
 from common.infra.kafka_clients import bootstrap_servers, ensure_topics, make_consumer, record_lag
-from common.infra.settings import Settings
+from common.infra.settings import KafkaSettings, Settings, StreamSettings
 from common.infra.shutdown import StopFlag
 from common.infra.telemetry import Heartbeat, serve_metrics
+from stream.parts import Parts, Row, Taken
 
 log = logging.getLogger(__name__)
 
-# Event-id sets of this many recently touched days stay in memory; an older day
-# touched again (a late event) is re-read from its files.
-_CACHED_DAYS = 4
 _LAG_EVERY_S = 1.0
 _STALE_TEMP_S = 3600.0  # a temp file this old belongs to a write that died
-Row = tuple[WireEvent, int]  # an event and its Kafka offset
-
-
-class LanderError(RuntimeError):
-    """The lander cannot land safely; the message says what to do."""
 
 
 @dataclass
@@ -99,74 +78,49 @@ class LanderMetrics:
                          "Records not yet read: highwater - position", ["partition"], registry=r)
 
 
-def write_part(events_dir: Path, day: str, partition: int, rows: list[Row]) -> Path:
-    """Write one day's rows of one partition: temp file, fsync, rename, fsync the directory."""
-    directory = day_dir(events_dir, day)
-    if not directory.is_dir():
-        directory.mkdir(parents=True, exist_ok=True)
-        fsync_dir(directory.parent)  # the new date= entry must survive a crash too
-    path = directory / part_name(partition, rows[0][1], rows[-1][1])
-    if path.exists():
-        # Same day, partition and offsets already landed: only a recreated topic
-        # (offsets restarted) gets here, and overwriting would lose the old rows.
-        raise LanderError(f"{path} already exists: was the topic recreated? Move "
-                          f"{events_dir} aside (or land into a new RECSTREAM_HOME)")
-    events = [e for e, _ in rows]
-    table = pa.Table.from_pydict({
-        "event_id": [e.event_id for e in events], "user_id": [e.user_id for e in events],
-        "item_id": [e.item_id for e in events], "event_type": [e.event_type for e in events],
-        "value": [e.value for e in events], "ts_ms": [e.ts_ms for e in events],
-        "context": [json.dumps(dict(e.context)) if e.context else None for e in events],
-        "kafka_partition": [partition] * len(rows), "kafka_offset": [o for _, o in rows],
-    }, schema=SCHEMA)
-    with atomic_writer(path) as fh:
-        pq.write_table(table, fh)
-    return path
-
-
 class Lander:
     """Consumer group ``lander``: poll, buffer by day, write files, then commit."""
 
-    def __init__(self, settings: Settings, bootstrap: str,
-                 metrics: LanderMetrics | None = None) -> None:
-        self.settings = settings
-        self.events_dir = settings.events_dir
+    def __init__(self, kafka: KafkaSettings, stream: StreamSettings, events_dir: Path,
+                 bootstrap: str, metrics: LanderMetrics | None = None) -> None:
+        self.kafka, self.stream, self.events_dir = kafka, stream, events_dir
         self.metrics = metrics or LanderMetrics()
         self.stats = LanderStats()
-        self._buffer: dict[tuple[str, int], list[Row]] = {}
-        self._rows = 0
         self._pending: dict[TopicPartition, int] = {}  # next offset to commit per partition
-        self._index = LandedIndex(self.events_dir)
+        self.parts = Parts(events_dir)
         removed = remove_stale_temps(self.events_dir, _STALE_TEMP_S)
         if removed:
             log.info("removed temporary files of interrupted writes", extra={"files": removed})
         # The watermark survives restarts: a restarted lander reports what is on disk.
         self.stats.watermark_ms = landed_watermark_ms(self.events_dir) or 0
         self.metrics.watermark.set(self.stats.watermark_ms / 1000)
-        self._seen: OrderedDict[str, set[str]] = OrderedDict()  # day -> landed + buffered ids
         self._assigned_at: float | None = None
         self._last_record = time.monotonic()
         self._lag_at = 0.0
         # Silent longer than the group's poll limit plus a flush: stuck (its /healthz).
-        self.heartbeat = Heartbeat(settings.kafka.max_poll_interval_ms / 1000 + 30.0)
-        self.consumer: KafkaConsumer = make_consumer(settings.kafka, bootstrap,
-                                                     settings.stream.lander_group)
-        self.consumer.subscribe([settings.kafka.topic], listener=_Rebalance(self))
+        self.heartbeat = Heartbeat(kafka.max_poll_interval_ms / 1000 + 30.0)
+        self.consumer: KafkaConsumer = make_consumer(kafka, bootstrap, stream.lander_group)
+        self.consumer.subscribe([kafka.topic], listener=_Rebalance(self))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, bootstrap: str,
+                      metrics: LanderMetrics | None = None) -> Lander:
+        """A lander with ``settings``' groups, landing under ``settings.events_dir``."""
+        return cls(settings.kafka, settings.stream, settings.events_dir, bootstrap, metrics)
 
     @property
     def buffered(self) -> int:
         """Rows waiting for the next flush."""
-        return self._rows
+        return self.parts.rows
 
     def run(self, stop: StopFlag, max_idle_s: float | None = None) -> LanderStats:
         """Land until ``stop`` is set (or ``max_idle_s`` pass without a record), then flush."""
-        flush_s = self.settings.stream.lander_flush_s
-        max_rows = self.settings.stream.lander_max_rows
+        flush_s, max_rows = self.stream.lander_flush_s, self.stream.lander_max_rows
         next_flush = time.monotonic() + flush_s
         try:
             while not stop.is_set() and not self._idle(max_idle_s):
                 self.poll_once()
-                if self._rows >= max_rows or time.monotonic() >= next_flush:
+                if self.parts.rows >= max_rows or time.monotonic() >= next_flush:
                     self.flush()
                     next_flush = time.monotonic() + flush_s
             self.flush()
@@ -182,7 +136,7 @@ class Lander:
     def poll_once(self) -> int:
         """Poll once and classify what came; returns how many records were read."""
         self.heartbeat.beat()
-        batches = self.consumer.poll(timeout_ms=self.settings.stream.poll_timeout_ms)
+        batches = self.consumer.poll(timeout_ms=self.stream.poll_timeout_ms)
         n = 0
         for tp, records in batches.items():
             for record in records:
@@ -198,23 +152,17 @@ class Lander:
         """Reject, skip as landed, drop as duplicate, or buffer one record."""
         self._pending[tp] = offset + 1  # every record read is settled by the next flush
         try:
-            event = decode_event(value, self.settings.kafka.max_message_bytes)
+            event = decode_event(value, self.kafka.max_message_bytes)
         except InvalidEventError as exc:
             self._reject(tp, offset, exc.reason)
             return
-        day = format_day(event.ts_ms)
-        seen = self._seen_ids(day)
-        if event.event_id in seen:
-            if self._index.covers(day, tp.partition, offset):
-                self.stats.already_landed += 1
-                self.metrics.already_landed.inc()
-            else:
-                self.stats.duplicates += 1
-                self.metrics.duplicates.inc()
-            return
-        seen.add(event.event_id)
-        self._buffer.setdefault((day, tp.partition), []).append((event, offset))
-        self._rows += 1
+        taken = self.parts.add(tp.partition, offset, event)
+        if taken is Taken.ALREADY_LANDED:
+            self.stats.already_landed += 1
+            self.metrics.already_landed.inc()
+        elif taken is Taken.DUPLICATE:
+            self.stats.duplicates += 1
+            self.metrics.duplicates.inc()
 
     def _reject(self, tp: TopicPartition, offset: int, reason: str) -> None:
         if not self.stats.rejected:
@@ -222,13 +170,6 @@ class Lander:
                         extra={"partition": tp.partition, "offset": offset, "reason": reason})
         self.stats.rejected += 1
         self.metrics.rejected.inc()
-
-    def _seen_ids(self, day: str) -> set[str]:
-        ids = self._seen.get(day)
-        if ids is None:
-            ids = self._seen[day] = read_event_ids(self.events_dir, day)
-        self._seen.move_to_end(day)
-        return ids
 
     def flush(self) -> None:
         """Write the buffer, one file per (day, partition), then commit what it covered."""
@@ -248,16 +189,9 @@ class Lander:
 
     def write_pending(self) -> dict[TopicPartition, OffsetAndMetadata]:
         """Write every buffered (day, partition) durably; returns the offsets to commit."""
-        for (day, partition), rows in sorted(self._buffer.items()):
-            write_part(self.events_dir, day, partition, rows)
-            self._index.add(day, partition, rows[0][1], rows[-1][1])
-            self._count_landed(rows)
+        self.parts.write(self._count_landed)
         offsets = {tp: OffsetAndMetadata(n, "", -1) for tp, n in self._pending.items()}
-        self._buffer.clear()
         self._pending.clear()
-        self._rows = 0
-        while len(self._seen) > _CACHED_DAYS:  # the buffer is empty: any day may go
-            self._seen.popitem(last=False)
         return offsets
 
     def _count_landed(self, rows: list[Row]) -> None:
@@ -270,15 +204,12 @@ class Lander:
 
     def abandon(self) -> None:
         """Drop the buffer without writing or committing (its records will be re-read)."""
-        self._buffer.clear()
+        self.parts.drop()
         self._pending.clear()
-        self._rows = 0
-        self._seen.clear()  # it held the dropped rows' ids
 
     def on_assigned(self) -> None:
         """Partitions moved: learn what other landers landed meanwhile."""
-        self._index.rescan()
-        self._seen.clear()
+        self.parts.rescan()
         self.metrics.lag.clear()
         self._assigned_at = self._last_record = time.monotonic()
 
@@ -337,7 +268,7 @@ def run_lander_daemon(settings: Settings, stop: StopFlag | None = None,
         ensure_topics(settings.kafka, bootstrap, [settings.kafka.topic])
         log.info("lander starting", extra={"topic": settings.kafka.topic,
                                            "group": settings.stream.lander_group})
-        lander = Lander(settings, bootstrap, metrics)
+        lander = Lander.from_settings(settings, bootstrap, metrics)
         endpoint.health = lander.heartbeat.check
         stats = lander.run(stop, max_idle_s)
     log.info("lander stopped", extra={"reason": stop.reason or "idle", **vars(stats)})

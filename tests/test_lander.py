@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-import stream.lander as lander_module
+import stream.parts as parts_module
 from common.data.events import DAY_MS, format_day, parse_day
 from common.data.landed import (
     day_dir,
@@ -32,7 +32,8 @@ from common.infra.kafka_clients import ensure_topics, make_consumer, make_produc
 from common.infra.launcher import free_port, port_answers
 from common.infra.settings import Settings, load_settings
 from common.infra.shutdown import StopFlag
-from stream.lander import Lander, LanderStats, run_lander_daemon, write_part
+from stream.lander import Lander, LanderStats, run_lander_daemon
+from stream.parts import write_part
 
 REPO = Path(__file__).resolve().parents[1]
 DAY0 = parse_day("2024-03-01")
@@ -122,7 +123,7 @@ def committed(settings: Settings, partitions: int) -> dict[int, int | None]:
 @contextmanager
 def background(settings: Settings) -> Iterator[Lander]:
     """A lander running on a thread; stopped (and its error raised) on exit."""
-    lander = Lander(settings, settings.kafka.bootstrap)
+    lander = Lander.from_settings(settings, settings.kafka.bootstrap)
     stop, errors = StopFlag(), []
 
     def run() -> None:
@@ -179,7 +180,7 @@ def test_a_starting_lander_removes_temp_files_of_writes_that_died(make_settings)
         tmp.write_bytes(b"half a parquet file")
     two_hours_ago = time.time() - 7200
     os.utime(stale, (two_hours_ago, two_hours_ago))
-    Lander(settings, settings.kafka.bootstrap).consumer.close(autocommit=False)
+    Lander.from_settings(settings, settings.kafka.bootstrap).consumer.close(autocommit=False)
     assert not stale.exists()
     assert live.exists() and landed.exists()
 
@@ -276,7 +277,7 @@ def test_crash_between_files_of_one_flush_loses_nothing(make_settings, monkeypat
                              RECSTREAM_STREAM_LANDER_MAX_ROWS="30")
     events = [event(n, day=n % 2, user="u1") for n in range(30)]
     produce_events(settings, events)
-    real_write, calls = lander_module.write_part, []
+    real_write, calls = parts_module.write_part, []
 
     def crash_on_second_file(*args: Any) -> Path:
         calls.append(args)
@@ -284,13 +285,13 @@ def test_crash_between_files_of_one_flush_loses_nothing(make_settings, monkeypat
             raise SimulatedCrash
         return real_write(*args)
 
-    monkeypatch.setattr(lander_module, "write_part", crash_on_second_file)
+    monkeypatch.setattr(parts_module, "write_part", crash_on_second_file)
     with pytest.raises(SimulatedCrash):
         land_until_idle(settings)
     assert len(landed_parts(settings.events_dir)) == 1
     assert committed(settings, 1) == {0: None}
 
-    monkeypatch.setattr(lander_module, "write_part", real_write)
+    monkeypatch.setattr(parts_module, "write_part", real_write)
     stats = land_until_idle(settings)
 
     assert (stats.events, stats.already_landed) == (15, 15)

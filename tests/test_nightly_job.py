@@ -18,7 +18,7 @@ from common.data.wire import decode_event, encode_event
 from common.infra.settings import Settings, load_settings
 from common.model.registry import Registry
 from recstream.cli import main
-from stream.lander import write_part
+from stream.parts import write_part
 
 DAY_INDEX = 3
 STEPS = ["landed", "train", "evaluate", "gate", "register", "publish", "promote"]

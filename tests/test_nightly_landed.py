@@ -15,7 +15,7 @@ from common.data.wire import decode_event, encode_event
 from common.infra.settings import load_settings
 from common.model.registry import Registry
 from recstream.cli import main
-from stream.lander import write_part
+from stream.parts import write_part
 
 
 def test_nightly_trains_on_the_landed_partition(

@@ -57,8 +57,9 @@ def test_streamed_day_lifts_next_day_recall_of_drifted_users(
     produce(kafka_bootstrap, topic, stream_day)
 
     stop = StopFlag()
-    trainer = TrainerConsumer(settings, ds, FilePublisher(tmp_path / "published"),
-                              kafka_bootstrap, stop=stop)
+    trainer = TrainerConsumer.from_settings(settings, ds, FilePublisher(tmp_path / "published"),
+                                            kafka_bootstrap, stop=stop)
+    trainer.start()
     thread = threading.Thread(target=trainer.run, daemon=True)
     thread.start()
     try:

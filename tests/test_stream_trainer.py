@@ -3,6 +3,7 @@ the commit-after-publish rule, restarts from checkpoints and the rebase."""
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import threading
 from pathlib import Path
@@ -17,14 +18,14 @@ import stream.consumer as consumer_module
 from batch.jobs import nightly_job
 from common.data.events import Events
 from common.data.synthetic import SyntheticConfig, SyntheticData, generate
-from common.infra.settings import Settings
+from common.infra.settings import Settings, load_settings
 from common.infra.shutdown import StopFlag
-from common.model.registry import Registry
+from common.model.registry import Registry, VersionNotFoundError
 from publisher.base import Delta, PublishError
 from publisher.files import FilePublisher
 from stream.checkpoint import load_checkpoint
 from stream.consumer import TrainerConsumer
-from stream.lock import TrainerLockedError
+from stream.lock import TrainerLockedError, exclusive_lock
 
 WORLD = SyntheticConfig(n_users=300, n_items=150, n_clusters=5, n_days=4, events_per_day=1500,
                         seed=3)
@@ -56,11 +57,13 @@ class Running:
 
     def __init__(self, settings: Settings, world: SyntheticData, publisher: object) -> None:
         self.stop = StopFlag()
-        self.trainer = TrainerConsumer(settings, world.dataset, publisher,  # type: ignore[arg-type]
-                                       settings.kafka.bootstrap, stop=self.stop)
+        self.trainer = TrainerConsumer.from_settings(
+            settings, world.dataset, publisher,  # type: ignore[arg-type]
+            settings.kafka.bootstrap, stop=self.stop)
         self.thread = threading.Thread(target=self.trainer.run, daemon=True)
 
     def __enter__(self) -> TrainerConsumer:
+        self.trainer.start()
         self.thread.start()
         return self.trainer
 
@@ -242,7 +245,32 @@ def test_a_second_trainer_on_the_same_home_is_refused(settings: Settings,
                                                       world: SyntheticData) -> None:
     publisher = FilePublisher(settings.home / "published")
     with Running(settings, world, publisher), pytest.raises(TrainerLockedError, match="pid"):
-        TrainerConsumer(settings, world.dataset, publisher, settings.kafka.bootstrap)
+        TrainerConsumer.from_settings(settings, world.dataset, publisher,
+                                      settings.kafka.bootstrap).start()
+
+
+def test_constructing_a_trainer_opens_nothing(tmp_path: Path, world: SyntheticData) -> None:
+    settings = load_settings({"RECSTREAM_HOME": str(tmp_path / "home"),
+                              "RECSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:9"})  # nothing listens
+    trainer = TrainerConsumer.from_settings(settings, world.dataset,
+                                            FilePublisher(tmp_path / "published"),
+                                            settings.kafka.bootstrap)
+    assert not (tmp_path / "home").exists() and not multiprocessing.active_children()
+    trainer.close()  # nothing to release
+    with pytest.raises(RuntimeError, match="start"):
+        trainer.run()
+
+
+def test_a_start_that_fails_releases_what_it_opened(tmp_path: Path, kafka_bootstrap: str,
+                                                    topic: str, world: SyntheticData) -> None:
+    settings = stream_settings(tmp_path, kafka_bootstrap, topic)  # no champion to start from
+    trainer = TrainerConsumer.from_settings(settings, world.dataset,
+                                            FilePublisher(tmp_path / "published"),
+                                            kafka_bootstrap)
+    with pytest.raises(VersionNotFoundError):
+        trainer.start()
+    assert not multiprocessing.active_children()  # the fetch process is gone
+    exclusive_lock(settings.checkpoints_dir / "trainer").close()  # and the lock is free
 
 
 def test_a_rebalance_checkpoints_and_loses_or_repeats_nothing(
@@ -280,8 +308,10 @@ class BrokenPublisher(FilePublisher):
 def test_an_unexpected_error_mid_step_saves_nothing_unpublished(
         settings: Settings, world: SyntheticData) -> None:
     produce(settings.kafka.bootstrap, settings.kafka.topic, _day(world, 2).take(np.arange(800)))
-    trainer = TrainerConsumer(settings, world.dataset, BrokenPublisher(settings.home / "p"),
-                              settings.kafka.bootstrap)
+    trainer = TrainerConsumer.from_settings(settings, world.dataset,
+                                            BrokenPublisher(settings.home / "p"),
+                                            settings.kafka.bootstrap)
+    trainer.start()
     with pytest.raises(RuntimeError, match="injected"):
         trainer.run()
     saved = load_checkpoint(settings.checkpoints_dir / "trainer")
