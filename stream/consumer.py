@@ -20,7 +20,8 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, KafkaConsumer
 
 from common.data.dataset import Dataset
-from common.infra.settings import KafkaSettings, Settings, StreamSettings, TrainSettings
+from common.infra.settings import Settings
+from common.infra.settings_groups import KafkaSettings, StreamSettings, TrainSettings
 from common.infra.shutdown import StopFlag
 from common.infra.telemetry import Heartbeat
 from common.model.registry import Registry

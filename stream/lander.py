@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from common.data.landed import landed_watermark_ms, remove_stale_temps
 from common.data.wire import InvalidEventError, decode_event
 from common.infra.kafka_clients import bootstrap_servers, ensure_topics, make_consumer, record_lag
-from common.infra.settings import KafkaSettings, Settings, StreamSettings
+from common.infra.settings import Settings
+from common.infra.settings_groups import KafkaSettings, StreamSettings
 from common.infra.shutdown import StopFlag
 from common.infra.telemetry import Heartbeat, serve_metrics
 from stream.parts import Parts, Row, Taken

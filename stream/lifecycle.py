@@ -18,7 +18,7 @@ from pathlib import Path
 from kafka import KafkaConsumer
 
 from common.infra.kafka_clients import make_consumer, make_producer
-from common.infra.settings import KafkaSettings, StreamSettings
+from common.infra.settings_groups import KafkaSettings, StreamSettings
 from stream.checkpoint import CheckpointWriter
 from stream.feed import Feed
 from stream.fetcher import Fetcher

@@ -20,7 +20,7 @@ from kafka import TopicPartition
 from common.data.dataset import Dataset
 from common.data.wire import WireEvent, decode_event, to_events
 from common.infra.kafka_clients import make_consumer
-from common.infra.settings import KafkaSettings, TrainSettings
+from common.infra.settings_groups import KafkaSettings, TrainSettings
 from common.model.registry import CorruptVersionError, Registry, RegistryError
 from common.model.training import TrainingDivergedError
 from publisher.base import Delta, Publisher, PublishError

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.data.events import Events
-from common.infra.settings import StreamSettings
+from common.infra.settings_groups import StreamSettings
 from publisher.base import Delta, PublishError
 from stream.checkpoint import CheckpointMeta, CheckpointWriter, snapshot
 from stream.intake import Chunk, Intake
