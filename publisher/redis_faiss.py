@@ -2,7 +2,8 @@
 
 Full publish of a version V (the nightly, the bootstrap, ``recstream publisher
 publish``): every user's ID embedding and packed features into V's Redis namespace,
-every catalogue item's tower vector into ``indexes/V``; then V is marked complete.
+every servable catalogue item's tower vector (an ID row or side features: see
+``servable_items``) into ``indexes/V``; then V is marked complete.
 Nothing points at V until a promotion flips the release pointer, so a half-done
 publish is invisible, and running it again completes it.
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from common.infra.redis_client import connect
 from common.infra.settings import Settings
 from common.model.bundle import Features, ModelBundle
-from common.model.vectors import item_vectors
+from common.model.vectors import item_vectors, servable_items
 from publisher.base import Delta, Interactions, PublishError
 from publisher.index_store import IndexStore
 from publisher.item_index import ItemIndex
@@ -77,7 +78,8 @@ class RedisFaissPublisher:
             log.info("version already published", extra={"version": version})
             return FullPublishReport(version, meta.users, 0, 0.0, 0.0, 0.0)
         t0 = time.perf_counter()
-        items = sorted(set(map(str, catalog)) | set(bundle.item_vocab.ids))
+        items = servable_items(bundle, features,
+                               sorted(set(map(str, catalog)) | set(bundle.item_vocab.ids)))
         self.indexes.write_full(version, items, item_vectors(bundle, features, items).numpy())
         t1 = time.perf_counter()
         user_ids = bundle.user_vocab.ids

@@ -19,7 +19,7 @@ from common.infra.settings import Settings
 from common.infra.settings_groups import TrainSettings
 from common.model.bundle import BatchIds, Features, ModelBundle, encode_examples
 from common.model.training import Trainer, TrainingDivergedError
-from common.model.vectors import item_vectors
+from common.model.vectors import item_vectors, servable_items
 from common.model.vocab import COLD_ROW
 from publisher.base import Delta, Interactions
 
@@ -86,18 +86,28 @@ class StreamLearner:
             applied += len(idx)
         out = self._output(len(events), applied, float(np.mean(losses)) if losses
                            else float("nan"), np.unique(np.concatenate(users)),
-                           np.unique(np.concatenate(items)), diverged)
+                           np.unique(np.concatenate(items)), diverged,
+                           self._cold_items(positives.item_id[:applied]))
         seen = Interactions(_strings(positives.user_id[:applied]),
                             _strings(positives.item_id[:applied]),
                             positives.ts_ms[:applied].tolist())
         return replace(out, seen=seen)
 
+    def _cold_items(self, item_ids: np.ndarray) -> list[str]:
+        """The batch's items still on the shared cold row that have side features: their
+        vector comes from those features, published now, so a new item is searchable
+        after its first delta (one with neither waits for a row: ``servable_items``)."""
+        distinct = np.unique(item_ids.astype(str))
+        cold = distinct[self.bundle.item_vocab.lookup(distinct) == COLD_ROW]
+        return servable_items(self.bundle, self.features, cold.tolist())
+
     def _output(self, n_events: int, n_examples: int, loss: float, user_rows: np.ndarray,
-                item_rows: np.ndarray, diverged: bool) -> LearnOutput:
+                item_rows: np.ndarray, diverged: bool,
+                cold_items: list[str] | None = None) -> LearnOutput:
         # The shared cold row is not anyone's embedding: it is not published per id.
         user_rows, item_rows = user_rows[user_rows != COLD_ROW], item_rows[item_rows != COLD_ROW]
         user_ids = self.bundle.user_vocab.ids_of(user_rows)
-        item_ids = self.bundle.item_vocab.ids_of(item_rows)
+        item_ids = self.bundle.item_vocab.ids_of(item_rows) + (cold_items or [])
         weight = self.bundle.model.user.ids.weight
         user_vecs = weight.index_select(0, torch.from_numpy(user_rows)).numpy()
         item_vecs = item_vectors(self.bundle, self.features, item_ids).numpy()

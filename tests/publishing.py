@@ -14,7 +14,7 @@ from common.data.dataset import Dataset
 from common.infra.settings import Settings, load_settings
 from common.model.bundle import Features
 from common.model.registry import Registry
-from common.model.vectors import item_vectors
+from common.model.vectors import item_vectors, servable_items
 from publisher.control import ReleaseControl
 from publisher.redis_faiss import RedisFaissPublisher
 from serving.recall import RecallService
@@ -57,7 +57,8 @@ def exact_answer(settings: Settings, dataset: Dataset, version: str, user_id: st
     user vector computed from ``user_emb`` (default: the registry's row)."""
     bundle, _ = Registry(settings.models_dir).load(version)
     features = Features.build(bundle, dataset.users, dataset.items)
-    catalog = sorted(set(map(str, dataset.catalog())) | set(bundle.item_vocab.ids))
+    catalog = servable_items(bundle, features,
+                             sorted(set(map(str, dataset.catalog())) | set(bundle.item_vocab.ids)))
     items = item_vectors(bundle, features, catalog).numpy()
     names = list(catalog)
     for name, vec in (item_overrides or {}).items():

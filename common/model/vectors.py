@@ -11,6 +11,7 @@ import torch
 
 from common.model.bundle import Features, ModelBundle
 from common.model.towers import Tower
+from common.model.vocab import COLD_ROW
 
 _CHUNK = 65_536
 
@@ -41,3 +42,28 @@ def _encode(tower: Tower, rows: torch.Tensor, feat: torch.Tensor,
     if not parts:
         return torch.zeros(0, tower.mlp[-1].out_features)
     return torch.cat(parts)
+
+
+def servable_items(bundle: ModelBundle, features: Features,
+                   item_ids: Sequence[str]) -> list[str]:
+    """The ids, in order, that have a vector of their own: an ID row or side features.
+
+    An item with neither would get the shared cold row's vector, the same for every such
+    item, which says nothing about it: it is not served until it earns a row. An item
+    with features but no row (new, or below the vocabulary's frequency rule) is served
+    from its features at once.
+
+    >>> from common.data.tables import FeatureTable, FieldSpec
+    >>> from common.infra.settings_groups import ModelSettings
+    >>> items = FeatureTable.build(["i1", "i2"], (FieldSpec("genre", "categorical"),),
+    ...                            {"genre": ["a", "b"]})
+    >>> bundle = ModelBundle.create(ModelSettings(min_count=1), FeatureTable.empty(), items)
+    >>> bundle.item_vocab.observe(["i3"])
+    1
+    >>> servable_items(bundle, Features.build(bundle, FeatureTable.empty(), items),
+    ...                ["i1", "i3", "i4"])
+    ['i1', 'i3']
+    """
+    has_row = bundle.item_vocab.lookup(item_ids) != COLD_ROW
+    has_features = features.items.rows(item_ids) != 0
+    return [str(i) for i, keep in zip(item_ids, has_row | has_features, strict=True) if keep]
