@@ -276,6 +276,14 @@ class ModelSettings(_Group):
     freq_hash_size: int = Field(1 << 20, ge=16)
     freq_num_hashes: int = Field(2, ge=1, le=8)
     freq_alpha: float = Field(0.01, gt=0, le=1)
+    # --- issue 14: the user tower's history field ---
+    history_len: int = Field(
+        0, ge=0, le=1000, description="the user's last N positives pooled into the user tower "
+        "(0 = ID row and side features only)")
+    history_pooling: Literal["decay", "attention"] = Field(
+        "decay", description="time-decayed mean, or a small learned attention")
+    history_half_life_h: float = Field(
+        24.0, gt=0, description="half-life of the decayed mean's weights, in hours")
 
 
 class TrainSettings(_Group):

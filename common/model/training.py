@@ -99,12 +99,22 @@ class Trainer:
             neg_rows, neg_logp = self._negatives(n_neg)
             item_rows = torch.cat([item_rows, neg_rows])
             item_feat = torch.cat([item_feat, self._item_feature_rows()[neg_rows]])
+        n_items = len(item_rows)
+        history = ex.history if model.user.history is not None else None
+        if history is not None:
+            # One gather for targets, negatives and history items: an item row read in
+            # several roles gets one summed gradient and one Adagrad step.
+            item_rows = torch.cat([item_rows, torch.from_numpy(history.rows).reshape(-1)])
         u_emb, u_grad = model.user.ids.gather(torch.from_numpy(ex.user_rows), trainable=True)
         i_emb, i_grad = model.item.ids.gather(item_rows, trainable=True)
         u_cat, u_multi = self.features.users.gather(torch.from_numpy(ex.user_feat))
         i_cat, i_multi = self.features.items.gather(item_feat)
-        u = model.user(u_emb, u_cat, u_multi)
-        v = model.item(i_emb, i_cat, i_multi)
+        hist = None
+        if history is not None:
+            _, age_h, mask = history.tensors()
+            hist = (i_emb[n_items:].view(b, -1, i_emb.shape[1]), age_h, mask)
+        u = model.user(u_emb, u_cat, u_multi, hist)
+        v = model.item(i_emb[:n_items], i_cat, i_multi)
         self.bundle.freq.update(ex.item_keys)
         if ts.loss == "inbatch":
             log_q = torch.from_numpy(np.log(self.bundle.freq.probability(ex.item_keys)))

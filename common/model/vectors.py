@@ -10,17 +10,35 @@ from collections.abc import Callable, Sequence
 import torch
 
 from common.model.bundle import Features, ModelBundle
+from common.model.history import HistoryBatch, UserHistories
 from common.model.towers import Tower
 
 _CHUNK = 65_536
 
 
 @torch.no_grad()
-def user_vectors(bundle: ModelBundle, features: Features, user_ids: Sequence[str]) -> torch.Tensor:
-    """Unit user vectors; unknown users get the cold row plus their side features."""
+def user_vectors(bundle: ModelBundle, features: Features, user_ids: Sequence[str],
+                 history: HistoryBatch | None = None) -> torch.Tensor:
+    """Unit user vectors ``[B, output_dim]``; unknown users get the cold row plus their
+    side features, and (on a model with a history field) their recent positives."""
     rows = torch.from_numpy(bundle.user_vocab.lookup(user_ids))
     feat = torch.from_numpy(features.users.rows(user_ids))
-    return _encode(bundle.model.user, rows, feat, features.users.gather)
+    model = bundle.model
+    if history is None or model.user.history is None:
+        return _encode(model.user, rows, feat, features.users.gather)
+    hist_rows, age_h, mask = history.tensors()
+    cat, multi = features.users.gather(feat)
+    return model.user.encode(rows, cat, multi, model.history(hist_rows, age_h, mask))
+
+
+def user_histories(bundle: ModelBundle, histories: UserHistories, user_ids: Sequence[str],
+                   now_ms: int) -> HistoryBatch | None:
+    """The model's history input for ``user_ids`` at ``now_ms`` (None on a model without
+    a history field)."""
+    n = bundle.model.cfg.history_len
+    if n == 0:
+        return None
+    return histories.batch(user_ids, bundle.item_vocab.lookup, now_ms, max_len=n)
 
 
 @torch.no_grad()
