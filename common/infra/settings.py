@@ -284,6 +284,9 @@ class ModelSettings(_Group):
         "decay", description="time-decayed mean, or a small learned attention")
     history_half_life_h: float = Field(
         24.0, gt=0, description="half-life of the decayed mean's weights, in hours")
+    history_input: Literal["ids", "vectors"] = Field(
+        "ids", description="pool item-ID rows into an MLP field, or pool item vectors and "
+        "add them to the user vector")
 
 
 class TrainSettings(_Group):
@@ -315,6 +318,10 @@ class TrainSettings(_Group):
     max_loss: float = Field(1e4, gt=0, description="a loss above this counts as divergence")
     seed: int = 0
     threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
+    # --- issue 14 ---
+    user_id_dropout: float = Field(
+        0.0, ge=0, lt=1, description="share of full-training examples whose user row is "
+        "swapped for the cold row, so history and features learn to carry new users")
 
 
 class StreamSettings(_Group):

@@ -45,7 +45,7 @@ class ModelBundle:
             senet=ms.senet, temperature=ms.temperature, user_cat=user_cat,
             user_multi=user_multi, item_cat=item_cat, item_multi=item_multi,
             history_len=ms.history_len, history_pooling=ms.history_pooling,
-            history_half_life_h=ms.history_half_life_h)
+            history_half_life_h=ms.history_half_life_h, history_input=ms.history_input)
         torch.manual_seed(seed)
         return cls(TwoTower(cfg), IdVocab(ms.min_count), IdVocab(ms.min_count), user_enc,
                    item_enc, FrequencyEstimator(ms.freq_hash_size, ms.freq_num_hashes,

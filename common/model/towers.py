@@ -49,6 +49,9 @@ class TwoTowerConfig:
     history_len: int = 0
     history_pooling: str = "decay"  # "decay" (time-decayed mean) or "attention"
     history_half_life_h: float = 24.0
+    # "ids": pooled item-ID rows enter the MLP as one more field; "vectors": pooled item
+    # tower outputs are added to the user vector (a learned-weight item-to-item term).
+    history_input: str = "ids"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -163,14 +166,14 @@ class HistoryPool(nn.Module):
     history pools to zeros (the tower then leans on the ID row and features).
     """
 
-    def __init__(self, cfg: TwoTowerConfig) -> None:
+    def __init__(self, cfg: TwoTowerConfig, dim: int) -> None:
         super().__init__()
         if cfg.history_pooling not in ("decay", "attention"):
             raise ValueError(f"history_pooling must be 'decay' or 'attention', "
                              f"got {cfg.history_pooling!r}")
         self.mode, self.half_life_h = cfg.history_pooling, cfg.history_half_life_h
         if self.mode == "attention":
-            self.query = nn.Parameter(torch.zeros(cfg.embedding_dim))
+            self.query = nn.Parameter(torch.zeros(dim))
             self.age_weight = nn.Parameter(torch.ones(()))
 
     def forward(self, emb: torch.Tensor, age_h: torch.Tensor, mask: torch.Tensor
@@ -191,7 +194,18 @@ class Tower(nn.Module):
     def __init__(self, rows: int, cat: list[int], multi: list[int], cfg: TwoTowerConfig,
                  history: bool = False) -> None:
         super().__init__()
-        self.history = HistoryPool(cfg) if history and cfg.history_len > 0 else None
+        if cfg.history_input not in ("ids", "vectors"):
+            raise ValueError(f"history_input must be 'ids' or 'vectors', "
+                             f"got {cfg.history_input!r}")
+        self.history: HistoryPool | None = None
+        self.history_field = self.history_vectors = False
+        if history and cfg.history_len > 0:
+            self.history_vectors = cfg.history_input == "vectors"
+            self.history_field = not self.history_vectors
+            self.history = HistoryPool(cfg, cfg.output_dim if self.history_vectors
+                                       else cfg.embedding_dim)
+        if self.history_vectors:
+            self.history_weight = nn.Parameter(torch.ones(()))
         self.ids = RowSparseEmbedding(rows, cfg.embedding_dim)
         self.cat_table = nn.Embedding(max(1, sum(cat)), cfg.feature_dim)
         offsets = torch.tensor([0] + cat[:-1], dtype=torch.long).cumsum(0) if cat else \
@@ -199,9 +213,9 @@ class Tower(nn.Module):
         self.register_buffer("cat_offsets", offsets, persistent=False)
         self.bags = nn.ModuleList(
             nn.EmbeddingBag(n, cfg.feature_dim, mode="mean", padding_idx=0) for n in multi)
-        num_fields = 1 + len(cat) + len(multi) + (self.history is not None)
+        num_fields = 1 + len(cat) + len(multi) + self.history_field
         self.senet = SENet(num_fields) if cfg.senet and num_fields > 1 else None
-        width = cfg.embedding_dim * (1 + (self.history is not None)) \
+        width = cfg.embedding_dim * (1 + self.history_field) \
             + cfg.feature_dim * (len(cat) + len(multi))
         layers: list[nn.Module] = []
         for h in cfg.hidden_dims:
@@ -215,17 +229,20 @@ class Tower(nn.Module):
         """Unit vectors ``[B, output_dim]`` from gathered ID embeddings ``[B, D]``, encoded
         features and, on a tower with a history field, the history (``History``)."""
         fields = [id_emb]
-        if self.history is not None:
-            if history is None:
-                fields.append(id_emb.new_zeros(id_emb.shape))
-            else:
-                fields.append(self.history(*history))
+        pooled = None if history is None or self.history is None else self.history(*history)
+        if self.history_field:
+            fields.append(id_emb.new_zeros(id_emb.shape) if pooled is None else pooled)
         if cat.shape[1]:
             fields += list(self.cat_table(cat + self.cat_offsets).unbind(dim=1))
         fields += [bag(m) for bag, m in zip(self.bags, multi, strict=True)]
         if self.senet is not None:
             fields = self.senet(fields)
-        return F.normalize(self.mlp(torch.cat(fields, dim=1)), dim=1)
+        out = F.normalize(self.mlp(torch.cat(fields, dim=1)), dim=1)
+        if self.history_vectors and pooled is not None:
+            # cos(u, i) then holds a weighted sum of cos(recent item, i): item-to-item
+            # in the learned space, on top of what the ID row and features say.
+            out = F.normalize(out + self.history_weight * pooled, dim=1)
+        return out
 
     def encode(self, rows: torch.Tensor, cat: torch.Tensor, multi: list[torch.Tensor],
                history: History | None = None) -> torch.Tensor:

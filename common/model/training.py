@@ -14,6 +14,8 @@ import torch
 from common.infra.settings import TrainSettings
 from common.model.bundle import Examples, Features, ModelBundle
 from common.model.losses import inbatch_softmax_loss, pointwise_bce_loss
+from common.model.towers import RowGrad
+from common.model.vocab import COLD_ROW
 
 Mode = Literal["full", "embedding"]
 _SAMPLER_REFRESH_STEPS = 100
@@ -87,6 +89,27 @@ class Trainer:
             self._item_feat = (len(vocab), torch.from_numpy(feat))
         return self._item_feat[1]
 
+    def _user_rows(self, ex: Examples) -> torch.Tensor:
+        """The batch's user rows; in full training with ``user_id_dropout`` a share of them
+        is swapped for the shared cold row, so the tower learns to serve users it has no
+        row for (yet) from their features and history alone."""
+        rows = torch.from_numpy(ex.user_rows)
+        p = self.ts.user_id_dropout
+        if self.mode != "full" or p <= 0:
+            return rows
+        drop = torch.rand(len(rows), generator=self.generator) < p
+        return rows.masked_fill(drop, COLD_ROW)
+
+    def _history_vectors(self, hist_rows: torch.Tensor, i_grad: RowGrad | None
+                         ) -> torch.Tensor:
+        """Item tower outputs ``[B, N, out]`` of history rows ``[B, N]``, each distinct item
+        run once, from the gathered (trainable) ID rows so its gradient reaches them."""
+        assert i_grad is not None
+        uniq, inverse = torch.unique(hist_rows, return_inverse=True)
+        emb = i_grad.leaf.index_select(0, torch.searchsorted(i_grad.rows, uniq))
+        cat, multi = self.features.items.gather(self._item_feature_rows()[uniq])
+        return self.bundle.model.item(emb, cat, multi)[inverse]
+
     def step(self, ex: Examples) -> StepResult:
         """One update on a batch of positives; raises ``TrainingDivergedError`` on a bad loss."""
         model, ts = self.bundle.model, self.ts
@@ -105,14 +128,17 @@ class Trainer:
             # One gather for targets, negatives and history items: an item row read in
             # several roles gets one summed gradient and one Adagrad step.
             item_rows = torch.cat([item_rows, torch.from_numpy(history.rows).reshape(-1)])
-        u_emb, u_grad = model.user.ids.gather(torch.from_numpy(ex.user_rows), trainable=True)
+        u_emb, u_grad = model.user.ids.gather(self._user_rows(ex), trainable=True)
         i_emb, i_grad = model.item.ids.gather(item_rows, trainable=True)
         u_cat, u_multi = self.features.users.gather(torch.from_numpy(ex.user_feat))
         i_cat, i_multi = self.features.items.gather(item_feat)
         hist = None
         if history is not None:
-            _, age_h, mask = history.tensors()
-            hist = (i_emb[n_items:].view(b, -1, i_emb.shape[1]), age_h, mask)
+            hist_rows, age_h, mask = history.tensors()
+            if model.user.history_vectors:
+                hist = (self._history_vectors(hist_rows, i_grad), age_h, mask)
+            else:
+                hist = (i_emb[n_items:].view(b, -1, i_emb.shape[1]), age_h, mask)
         u = model.user(u_emb, u_cat, u_multi, hist)
         v = model.item(i_emb[:n_items], i_cat, i_multi)
         self.bundle.freq.update(ex.item_keys)

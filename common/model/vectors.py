@@ -12,6 +12,7 @@ import torch
 from common.model.bundle import Features, ModelBundle
 from common.model.history import HistoryBatch, UserHistories
 from common.model.towers import Tower
+from common.model.vocab import COLD_ROW
 
 _CHUNK = 65_536
 
@@ -28,7 +29,28 @@ def user_vectors(bundle: ModelBundle, features: Features, user_ids: Sequence[str
         return _encode(model.user, rows, feat, features.users.gather)
     hist_rows, age_h, mask = history.tensors()
     cat, multi = features.users.gather(feat)
-    return model.user.encode(rows, cat, multi, model.history(hist_rows, age_h, mask))
+    if model.user.history_vectors:
+        hist = (history_item_vectors(bundle, features, hist_rows), age_h, mask)
+    else:
+        hist = model.history(hist_rows, age_h, mask)
+    return model.user.encode(rows, cat, multi, hist)
+
+
+@torch.no_grad()
+def history_item_vectors(bundle: ModelBundle, features: Features, rows: torch.Tensor
+                         ) -> torch.Tensor:
+    """Item vectors ``[B, N, out]`` of history item rows ``[B, N]`` (each distinct row once;
+    the cold row, also the padding, gets the cold row with no features)."""
+    uniq, inverse = torch.unique(rows, return_inverse=True)
+    own = uniq[uniq != COLD_ROW]
+    ids = bundle.item_vocab.ids_of(own.numpy())
+    table = torch.zeros(len(uniq), bundle.model.item.mlp[-1].out_features)
+    table[uniq != COLD_ROW] = item_vectors(bundle, features, ids)
+    if bool((uniq == COLD_ROW).any()):
+        table[uniq == COLD_ROW] = _encode(bundle.model.item, torch.zeros(1, dtype=torch.long),
+                                          torch.zeros(1, dtype=torch.long),
+                                          features.items.gather)
+    return table[inverse]
 
 
 def user_histories(bundle: ModelBundle, histories: UserHistories, user_ids: Sequence[str],
