@@ -80,8 +80,7 @@ def example_histories(user_ids: np.ndarray, item_rows: np.ndarray, ts_ms: np.nda
     idx = np.where(mask, idx, 0)
     rows = np.where(mask, r[idx] if n else 0, 0).astype(np.int64)
     age = np.where(mask, (t[sel, None] - t[idx]) / HOUR_MS, 0.0).astype(np.float32)
-    back = np.empty(len(sel), np.int64)
-    back[np.argsort(order[sel], kind="stable")] = np.arange(len(sel))
+    back = np.argsort(order[sel], kind="stable")  # sorted position of each query, in input order
     return HistoryBatch(rows[back], age[back], mask[back])
 
 
