@@ -38,6 +38,7 @@ from common.evaluation.prequential import PrequentialResult, prequential_arms
 from common.evaluation.two_tower import TwoTowerScorer
 from common.infra.settings import Settings, TrainSettings
 from common.model.bundle import Features, ModelBundle
+from common.model.replay import ReplayBuffer
 from common.model.training import Trainer
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,10 @@ KS = (10, 50)
 
 def stream_settings(settings: Settings) -> TrainSettings:
     """The training knobs the stream steps with (its batch size and ID-row rate)."""
-    return settings.train.model_copy(update={"batch_size": settings.stream.batch_size,
-                                             "lr_embedding": settings.stream.lr_embedding})
+    st = settings.stream
+    return settings.train.model_copy(update={
+        "batch_size": st.batch_size, "lr_embedding": st.lr_embedding,
+        "random_negatives": st.random_negatives, "item_lr_scale": st.item_lr_scale})
 
 
 class TwoTowerArm:
@@ -74,8 +77,11 @@ class TwoTowerArm:
         features = Features.build(bundle, dataset.users, dataset.items)
         trainer = Trainer(bundle, features, stream_settings(settings), mode="embedding") \
             if self.stream else None
+        replay = ReplayBuffer(settings.stream.replay_size, settings.train.seed) \
+            if self.stream and settings.stream.replay_size else None
         self.scorer = TwoTowerScorer(bundle, features, catalog, trainer,
-                                     settings.train.rating_threshold, seen=seen)
+                                     settings.train.rating_threshold, seen=seen,
+                                     replay=replay, min_batch=settings.stream.min_batch)
         self.past = [seen.positives(settings.train.rating_threshold)]  # nightly context
         self.pending: list[Events] = []  # events since the last nightly
         self.day: int | None = None

@@ -14,6 +14,7 @@ from common.data.events import Events
 from common.model.bundle import Features, ModelBundle, encode_examples
 from common.model.history import UserHistories
 from common.model.registry import Registry
+from common.model.replay import ReplayBuffer
 from common.model.training import Trainer
 from common.model.vectors import item_vectors, user_histories, user_vectors
 
@@ -28,8 +29,10 @@ class TwoTowerScorer:
 
     def __init__(self, bundle: ModelBundle, features: Features, catalog: np.ndarray,
                  trainer: Trainer | None = None, rating_threshold: float = 4.0,
-                 seen: Events | None = None) -> None:
+                 seen: Events | None = None, replay: ReplayBuffer | None = None,
+                 min_batch: int = 2) -> None:
         self.bundle, self.features, self.trainer = bundle, features, trainer
+        self.replay, self.min_batch = replay, min_batch
         self.catalog = [str(c) for c in catalog]
         self.rating_threshold = rating_threshold
         self.bundle.model.eval()
@@ -70,9 +73,12 @@ class TwoTowerScorer:
                                    context=self._context(positives))
         size = self.trainer.ts.batch_size
         for lo in range(0, len(examples), size):
-            idx = np.arange(lo, min(lo + size, len(examples)))
-            if len(idx) >= 2:
-                self.trainer.step(examples.take(idx))
+            batch = examples.take(np.arange(lo, min(lo + size, len(examples))))
+            if self.replay is not None:
+                new, batch = batch, self.replay.top_up(batch, self.min_batch)
+                self.replay.add(new)
+            if len(batch) >= 2:
+                self.trainer.step(batch)
         self.refresh_items()
 
     def _context(self, positives: Events) -> Events | None:

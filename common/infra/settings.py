@@ -322,6 +322,9 @@ class TrainSettings(_Group):
     user_id_dropout: float = Field(
         0.0, ge=0, lt=1, description="share of full-training examples whose user row is "
         "swapped for the cold row, so history and features learn to carry new users")
+    item_lr_scale: float = Field(
+        1.0, ge=0, description="item ID rows step at lr_embedding times this (the stream "
+        "sets its own: one user's few events should move their row, not everyone's items)")
 
 
 class StreamSettings(_Group):
@@ -355,6 +358,15 @@ class StreamSettings(_Group):
     metrics_host: str = "127.0.0.1"
     trainer_metrics_port: int = Field(9410, ge=0, le=65535, description="0 = no endpoint")
     lander_metrics_port: int = Field(9411, ge=0, le=65535, description="0 = no endpoint")
+    # --- issue 14: stream steps that stay sane on small windows ---
+    replay_size: int = Field(
+        0, ge=0, description="recent positives kept to top up small steps (0 = no replay)")
+    min_batch: int = Field(
+        2, ge=2, description="a step's new positives are topped up from the replay to this")
+    random_negatives: int = Field(
+        0, ge=0, description="catalogue negatives (prob ∝ count^0.75) added to each step")
+    item_lr_scale: float = Field(
+        1.0, ge=0, description="item rows step at lr_embedding times this (0 = users only)")
 
 
 class EvalSettings(_Group):

@@ -162,7 +162,8 @@ class Trainer:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         assert u_grad is not None and i_grad is not None
-        updates = u_grad.update(ts.lr_embedding), i_grad.update(ts.lr_embedding)
+        updates = (u_grad.update(ts.lr_embedding),
+                   i_grad.update(ts.lr_embedding * ts.item_lr_scale))
         if not all(u is None or bool(torch.isfinite(u[1]).all()) for u in updates):
             # A finite loss can still step a row to inf/NaN: nothing of it is written.
             raise TrainingDivergedError("an ID-row update is not finite (learning rate "
