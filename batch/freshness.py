@@ -55,6 +55,7 @@ BASELINE_NAMES = ("popularity", "recent_popularity", "history_knn")
 CURVE_MODELS = (*BASELINE_NAMES, *SCHEDULES)
 HALF_LIVES_DAYS = (0.25, 1.0, 3.0, 7.0, 14.0, 30.0)
 KNN_RECENT = (3, 5, 10, 20, 50)
+PRIOR_BETAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 VALIDATION_DAYS = 7
 KS = (10, 50)
 
@@ -71,8 +72,14 @@ class TwoTowerArm:
     """A two-tower system in the replay: its bundle, served histories and schedule."""
 
     def __init__(self, settings: Settings, dataset: Dataset, bundle: ModelBundle,
-                 catalog: np.ndarray, seen: Events, schedule: tuple[bool, bool, bool]) -> None:
+                 catalog: np.ndarray, seen: Events, schedule: tuple[bool, bool, bool],
+                 prior: tuple[float, float] | None = None) -> None:
+        """``prior``: (half-life in days, beta) of a decayed-popularity prior added to the
+        cosine, ``beta * log(1 + decayed count)``; its counts move when histories do."""
         self.settings, self.dataset = settings, dataset
+        self.prior = None if prior is None else DecayedPopularity(
+            seen, catalog, settings.train.rating_threshold, prior[0])
+        self.beta = 0.0 if prior is None else prior[1]
         self.nightly, self.fresh_history, self.stream = schedule
         features = Features.build(bundle, dataset.users, dataset.items)
         trainer = Trainer(bundle, features, stream_settings(settings), mode="embedding") \
@@ -86,8 +93,12 @@ class TwoTowerArm:
         self.pending: list[Events] = []  # events since the last nightly
         self.day: int | None = None
 
-    def score(self, user_ids: Sequence[str]) -> np.ndarray:
-        return self.scorer.score(user_ids)
+    def score(self, user_ids: Sequence[str], beta: float | None = None) -> np.ndarray:
+        scores = self.scorer.score(user_ids)
+        beta = self.beta if beta is None else beta
+        if self.prior is not None and beta:
+            scores += np.float32(beta) * np.log1p(self.prior.counts).astype(np.float32)
+        return scores
 
     def before(self, ts_ms: int) -> None:
         """Set the clock; at a day boundary run the nightly for each finished day."""
@@ -106,6 +117,8 @@ class TwoTowerArm:
             self.scorer.learn(chunk)
         if self.fresh_history:
             self.scorer.observe(chunk)
+            if self.prior is not None:
+                self.prior.learn(chunk)
 
     def _nightlies(self, until_ms: int) -> None:
         done = Events.concat(self.pending)
@@ -120,6 +133,8 @@ class TwoTowerArm:
             self.past.append(day_events.positives(self.settings.train.rating_threshold))
             if not self.fresh_history:
                 self.scorer.observe(day_events)
+                if self.prior is not None:
+                    self.prior.learn(day_events)
         for p in bundle.model.parameters():
             p.requires_grad_(False)  # the stream's steps leave dense layers alone
         self.scorer.refresh_items()
@@ -154,19 +169,59 @@ def tuned_baselines(settings: Settings, history: Events, catalog: np.ndarray,
     return factories, tuning
 
 
-def replay_delay(settings: Settings, dataset: Dataset, base: ModelBundle, history: Events,
-                 test: Events, delay_s: int, models: Sequence[str]
+class _BetaView:
+    """One arm scored with another prior weight (tuning shares one replay)."""
+
+    def __init__(self, arm: TwoTowerArm, beta: float) -> None:
+        self.arm, self.beta = arm, beta
+
+    def score(self, user_ids: Sequence[str]) -> np.ndarray:
+        return self.arm.score(user_ids, self.beta)
+
+
+def tune_prior_beta(settings: Settings, dataset: Dataset, tuning_base: ModelBundle,
+                    history: Events, delay_s: int, half_life_days: float
+                    ) -> tuple[float, dict[float, float]]:
+    """The prior weight with the best recall@50 on the ``VALIDATION_DAYS`` days before
+    the test window, replayed at ``delay_s`` by a nightly+history arm whose bootstrap
+    (``tuning_base``) ends where those days begin."""
+    split = (int(history.ts_ms.max()) // DAY_MS + 1 - VALIDATION_DAYS) * DAY_MS
+    fit, val = history.between(None, split), history.between(split)
+    catalog = dataset.catalog()
+    arm = TwoTowerArm(settings, dataset, copy.deepcopy(tuning_base), catalog, fit,
+                      SCHEDULES["nightly+history"], (half_life_days, 0.0))
+    views = {str(b): _BetaView(arm, b) for b in PRIOR_BETAS}
+    res = prequential_arms(views, arm.learn, catalog, val, (50,), chunk_events=None,
+                           chunk_ms=delay_s * 1000,
+                           rating_threshold=settings.train.rating_threshold, seen=fit,
+                           before_chunk=arm.before)
+    scores = {b: round(res[str(b)][50].recall, 4) for b in PRIOR_BETAS}
+    return max(scores, key=lambda b: (scores[b], -b)), scores
+
+
+def replay_delay(settings: Settings, dataset: Dataset, base: ModelBundle | None,
+                 history: Events, test: Events, delay_s: int, models: Sequence[str],
+                 tuning_base: ModelBundle | None = None
                  ) -> tuple[dict[str, dict[int, PrequentialResult]], dict[str, Any]]:
     """One prequential replay of the test window at one delay, every model on the same
-    queries; returns the results and the baselines' tuning."""
+    queries; returns the results and the tuning. With ``tuning_base`` (a bootstrap ending
+    where the validation days begin) the two-tower arms get the popularity prior, its
+    half-life that of recent_popularity and its weight tuned on the validation days."""
     catalog = dataset.catalog()
     arms: dict[str, Any] = {}
     tuning: dict[str, Any] = {}
-    if any(m in BASELINE_NAMES for m in models):
+    if tuning_base is not None or any(m in BASELINE_NAMES for m in models):
         factories, tuning = tuned_baselines(settings, history, catalog, delay_s)
         arms |= {m: factories[m](history) for m in models if m in BASELINE_NAMES}
+    prior = None
+    if tuning_base is not None:
+        half_life = tuning["recent_popularity"]["half_life_days"]
+        beta, scores = tune_prior_beta(settings, dataset, tuning_base, history, delay_s,
+                                       half_life)
+        tuning["prior"] = {"half_life_days": half_life, "beta": beta, "recall@50": scores}
+        prior = (half_life, beta)
     towers = {m: TwoTowerArm(settings, dataset, copy.deepcopy(base), catalog, history,
-                             SCHEDULES[m]) for m in models if m in SCHEDULES}
+                             SCHEDULES[m], prior) for m in models if m in SCHEDULES}
     arms |= towers
 
     def before(ts_ms: int) -> None:
@@ -194,8 +249,12 @@ def check_curve_models(models: Sequence[str]) -> None:
 def freshness_curve(settings: Settings, dataset: Dataset, test_days: int,
                     delays_s: Sequence[int] = DEFAULT_DELAYS_S,
                     models: Sequence[str] = CURVE_MODELS, users: str = "all",
-                    base: ModelBundle | None = None) -> dict[str, Any]:
-    """Every model's prequential recall@10/50 and NDCG@10 at every delay (the report)."""
+                    base: ModelBundle | None = None, prior: bool = False) -> dict[str, Any]:
+    """Every model's prequential recall@10/50 and NDCG@10 at every delay (the report).
+
+    ``prior``: add the decayed-popularity prior to the two-tower arms (tuned per delay
+    on the days before the test window, from a second bootstrap that ends before them).
+    """
     check_curve_models(models)
     if users not in ("all", "warm"):
         raise ValueError(f"users must be 'all' or 'warm', got {users!r}")
@@ -204,15 +263,22 @@ def freshness_curve(settings: Settings, dataset: Dataset, test_days: int,
     split = (int(dataset.events.ts_ms.max()) // DAY_MS + 1 - test_days) * DAY_MS
     history, test = dataset.events.between(None, split), dataset.events.between(split)
     started = time.perf_counter()
-    if base is None and any(m in SCHEDULES for m in models):
+    towers = any(m in SCHEDULES for m in models)
+    if base is None and towers:
         base, _ = bootstrap(settings, dataset, history)
+    tuning_base = None
+    if prior and towers:
+        val_start = (int(history.ts_ms.max()) // DAY_MS + 1 - VALIDATION_DAYS) * DAY_MS
+        tuning_base, _ = bootstrap(settings, dataset, history.between(None, val_start))
     report: dict[str, Any] = {"mode": "prequential", "dataset": dataset.name,
                               "test_days": test_days, "users": users,
-                              "delays_s": list(delays_s), "models": {m: {} for m in models},
+                              "delays_s": list(delays_s), "popularity_prior": prior,
+                              "models": {m: {} for m in models},
                               "tuning": {}}
     warm = set(history.user_id.astype(str).tolist())
     for delay in delays_s:
-        results, tuning = replay_delay(settings, dataset, base, history, test, delay, models)
+        results, tuning = replay_delay(settings, dataset, base, history, test, delay, models,
+                                       tuning_base)
         report["tuning"][str(delay)] = tuning
         for m, res in results.items():
             report["models"][m][str(delay)] = _figures(res, warm if users == "warm" else None)

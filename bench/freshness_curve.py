@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-days", type=int, default=30)
     p.add_argument("--users", default="all", choices=["all", "warm"])
     p.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE")
+    p.add_argument("--prior", action="store_true", help="decayed-popularity prior")
     p.add_argument("--note", default="")
     p.add_argument("--log", type=Path, default=Path("bench/results/freshness_sweep.json"))
     args = p.parse_args(argv)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     data = load_dataset("ml-100k", s.data_cache)
     started = time.perf_counter()
     report = freshness_curve(s, data, args.test_days, [int(d) for d in args.delays.split(",")],
-                             args.models.split(","), args.users)
+                             args.models.split(","), args.users, prior=args.prior)
     print(format_curve(report))
     entry = {"command": "python bench/freshness_curve.py " + " ".join(argv or sys.argv[1:]),
              "overrides": overrides, "note": args.note,
