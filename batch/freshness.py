@@ -55,8 +55,8 @@ BASELINE_NAMES = ("popularity", "recent_popularity", "history_knn")
 CURVE_MODELS = (*BASELINE_NAMES, *SCHEDULES)
 HALF_LIVES_DAYS = (0.25, 1.0, 3.0, 7.0, 14.0, 30.0)
 KNN_RECENT = (3, 5, 10, 20, 50)
-PRIOR_BETAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
-VALIDATION_DAYS = 7
+PRIOR_BETAS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+VALIDATION_DAYS = 14
 KS = (10, 50)
 
 
