@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--models", default=None,
                     help="comma-separated model names (default: the README table's)")
     ev.add_argument("--json", type=Path, default=None, help="write every figure here")
+    ev.add_argument("--prequential", action="store_true", help="the freshness curve: "
+                    "test-then-train over the last --test-days at each --update-every")
+    ev.add_argument("--update-every", default="60,600,3600,86400",
+                    help="comma-separated update delays in seconds (with --prequential)")
+    ev.add_argument("--prior", action="store_true",
+                    help="add the decayed-popularity prior to the two-tower arms")
 
     dm = sub.add_parser("demo", help="the whole loop on embedded servers: bootstrap, then "
                         "the last days through Kafka, the stream and the nightly; report in "
@@ -305,6 +311,14 @@ def _stderr_line(line: str) -> None:
 def _cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
     from batch.evaluation import DEFAULT_MODELS, format_table, run_offline_eval
 
+    if args.prequential:
+        from batch.evaluation import run_prequential_eval
+
+        run_prequential_eval(settings, _dataset(settings, args), args.test_days,
+                             args.update_every, args.users,
+                             args.models.split(",") if args.models else None, args.json,
+                             args.prior)
+        return
     models = args.models.split(",") if args.models else list(DEFAULT_MODELS)
     report = run_offline_eval(settings, _dataset(settings, args), args.train_before,
                               args.test_days, args.users, models)
