@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from batch.freshness import CURVE_MODELS, format_curve, freshness_curve  # noqa: E402
+from common.data.events import DAY_MS  # noqa: E402
 from common.data.movielens import load_dataset  # noqa: E402
 from common.infra.atomic import write_text_atomic  # noqa: E402
 from common.infra.settings import load_settings  # noqa: E402
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--users", default="all", choices=["all", "warm"])
     p.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE")
     p.add_argument("--prior", action="store_true", help="decayed-popularity prior")
+    p.add_argument("--holdout-days", type=int, default=0,
+                   help="drop the last N days first: with N=30 the curve is measured on the "
+                   "30 days before the test window (for choosing configurations without "
+                   "looking at the test window)")
     p.add_argument("--note", default="")
     p.add_argument("--log", type=Path, default=Path("bench/results/freshness_sweep.json"))
     args = p.parse_args(argv)
@@ -55,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides = _overrides(args.set)
     s = load_settings().with_overrides(**overrides)
     data = load_dataset("ml-100k", s.data_cache)
+    if args.holdout_days:
+        end = (int(data.events.ts_ms.max()) // DAY_MS + 1 - args.holdout_days) * DAY_MS
+        data = replace(data, events=data.events.between(None, end))
     started = time.perf_counter()
     report = freshness_curve(s, data, args.test_days, [int(d) for d in args.delays.split(",")],
                              args.models.split(","), args.users, prior=args.prior)

@@ -359,14 +359,17 @@ class StreamSettings(_Group):
     trainer_metrics_port: int = Field(9410, ge=0, le=65535, description="0 = no endpoint")
     lander_metrics_port: int = Field(9411, ge=0, le=65535, description="0 = no endpoint")
     # --- issue 14: stream steps that stay sane on small windows ---
+    # Defaults from the freshness-curve sweep (bench/results/freshness_sweep.json): at 60 s
+    # windows, replay + negatives + user rows only took recall@50 from 0.20 to 0.46.
     replay_size: int = Field(
-        0, ge=0, description="recent positives kept to top up small steps (0 = no replay)")
+        2048, ge=0, description="recent positives kept to top up small steps (0 = no replay)")
     min_batch: int = Field(
-        2, ge=2, description="a step's new positives are topped up from the replay to this")
+        128, ge=2, description="a step's new positives are topped up from the replay to this")
     random_negatives: int = Field(
-        0, ge=0, description="catalogue negatives (prob ∝ count^0.75) added to each step")
+        128, ge=0, description="catalogue negatives (prob ∝ count^0.75) added to each step")
     item_lr_scale: float = Field(
-        1.0, ge=0, description="item rows step at lr_embedding times this (0 = users only)")
+        0.0, ge=0, description="item rows step at lr_embedding times this (0 = users only: "
+        "one user's events then never move another user's answers)")
 
 
 class EvalSettings(_Group):
