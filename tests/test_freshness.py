@@ -118,3 +118,25 @@ def test_ml100k_history_tower_beats_id_only_at_one_minute() -> None:
     # Measured 0.26-0.29 (ID only) against 0.44 (history); a clear margin either way.
     assert recall["history"] > recall["id_only"] + 0.08, recall
     assert recall["history"] > 0.40, recall
+
+
+def test_a_burst_of_one_users_events_moves_their_answers_not_anothers() -> None:
+    from batch.freshness import SCHEDULES, TwoTowerArm
+
+    ds = _days_dataset()
+    settings = small_settings(**HISTORY)
+    bundle, _ = bootstrap(settings, ds, ds.events)
+    catalog = ds.catalog()
+    arm = TwoTowerArm(settings, ds, bundle, catalog, ds.events, SCHEDULES["nightly+stream"])
+    users = ["newcomer", "u1"]
+    before = np.argsort(-arm.score(users), axis=1)[:, :10]
+    burst = Events.from_columns(
+        event_id=[f"b{k}" for k in range(8)], user_id=["newcomer"] * 8,
+        item_id=[f"i{k}" for k in range(0, 16, 2)],  # one group's items
+        ts_ms=4 * DAY_MS + np.arange(8) * 1000)
+    arm.before(int(burst.ts_ms[0]))
+    arm.learn(burst)
+    after = np.argsort(-arm.score(users), axis=1)[:, :10]
+    assert set(before[0]) != set(after[0]), "the newcomer's own answer did not change"
+    overlap = len(set(before[1]) & set(after[1])) / 10
+    assert overlap >= 0.8, f"an unrelated user's top-10 moved: overlap {overlap}"
