@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +32,17 @@ class StepResult:
     loss: float
     user_rows: np.ndarray
     item_rows: np.ndarray
+
+
+class _Forward(NamedTuple):
+    """Tower outputs of a batch and what its backward step needs."""
+
+    u: torch.Tensor  # [B, out]
+    v: torch.Tensor  # [B + n_neg, out]: targets, then negatives
+    n_neg: int
+    neg_logp: torch.Tensor | None
+    u_grad: RowGrad
+    i_grad: RowGrad
 
 
 class NegativeSampler:
@@ -110,14 +121,14 @@ class Trainer:
         cat, multi = self.features.items.gather(self._item_feature_rows()[uniq])
         return self.bundle.model.item(emb, cat, multi)[inverse]
 
-    def step(self, ex: Examples) -> StepResult:
-        """One update on a batch of positives; raises ``TrainingDivergedError`` on a bad loss."""
+    def _forward(self, ex: Examples) -> _Forward:
+        """Both towers on a batch: targets first, then the sampled negatives."""
         model, ts = self.bundle.model, self.ts
         b = len(ex)
         item_rows = torch.from_numpy(ex.item_rows)
         item_feat = torch.from_numpy(ex.item_feat)
         n_neg = ts.random_negatives if ts.loss == "inbatch" else ts.pointwise_negatives * b
-        neg_rows = neg_logp = None
+        neg_logp = None
         if n_neg:
             neg_rows, neg_logp = self._negatives(n_neg)
             item_rows = torch.cat([item_rows, neg_rows])
@@ -139,8 +150,16 @@ class Trainer:
                 hist = (self._history_vectors(hist_rows, i_grad), age_h, mask)
             else:
                 hist = (i_emb[n_items:].view(b, -1, i_emb.shape[1]), age_h, mask)
-        u = model.user(u_emb, u_cat, u_multi, hist)
-        v = model.item(i_emb[:n_items], i_cat, i_multi)
+        assert u_grad is not None and i_grad is not None
+        return _Forward(model.user(u_emb, u_cat, u_multi, hist),
+                        model.item(i_emb[:n_items], i_cat, i_multi), n_neg, neg_logp,
+                        u_grad, i_grad)
+
+    def step(self, ex: Examples) -> StepResult:
+        """One update on a batch of positives; raises ``TrainingDivergedError`` on a bad loss."""
+        model, ts = self.bundle.model, self.ts
+        b = len(ex)
+        u, v, n_neg, neg_logp, u_grad, i_grad = self._forward(ex)
         self.bundle.freq.update(ex.item_keys)
         if ts.loss == "inbatch":
             log_q = torch.from_numpy(np.log(self.bundle.freq.probability(ex.item_keys)))
@@ -161,7 +180,6 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(model.parameters(), ts.max_grad_norm, foreach=True)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        assert u_grad is not None and i_grad is not None
         updates = (u_grad.update(ts.lr_embedding),
                    i_grad.update(ts.lr_embedding * ts.item_lr_scale))
         if not all(u is None or bool(torch.isfinite(u[1]).all()) for u in updates):
