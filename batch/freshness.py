@@ -73,15 +73,13 @@ class TwoTowerArm:
 
     def __init__(self, settings: Settings, dataset: Dataset, bundle: ModelBundle,
                  catalog: np.ndarray, seen: Events, schedule: tuple[bool, bool, bool],
-                 prior: tuple[float, float, float] | None = None) -> None:
-        """``prior``: (half-life in days, beta without history, beta with history) of a
-        decayed-popularity prior added to the cosine, ``beta * log(1 + decayed count)``:
-        users with a fresh history need less of it. Its counts move when histories do."""
+                 prior: tuple[float, float] | None = None) -> None:
+        """``prior``: (half-life in days, beta) of a decayed-popularity prior added to the
+        cosine, ``beta * log(1 + decayed count)``; its counts move when histories do."""
         self.settings, self.dataset = settings, dataset
         self.prior = None if prior is None else DecayedPopularity(
             seen, catalog, settings.train.rating_threshold, prior[0])
-        self.betas = (0.0, 0.0) if prior is None else (prior[1], prior[2])
-        self._last: tuple[tuple[str, ...], np.ndarray] | None = None  # views share it
+        self.beta = 0.0 if prior is None else prior[1]
         self.nightly, self.fresh_history, self.stream = schedule
         features = Features.build(bundle, dataset.users, dataset.items)
         trainer = Trainer(bundle, features, stream_settings(settings), mode="embedding") \
@@ -95,23 +93,16 @@ class TwoTowerArm:
         self.pending: list[Events] = []  # events since the last nightly
         self.day: int | None = None
 
-    def score(self, user_ids: Sequence[str], betas: tuple[float, float] | None = None
-              ) -> np.ndarray:
-        key = tuple(user_ids)
-        if self._last is None or self._last[0] != key:
-            self._last = (key, self.scorer.score(user_ids))
-        scores = self._last[1].copy()
-        if self.prior is None:
-            return scores
-        betas = self.betas if betas is None else betas
-        has = np.array([u in self.scorer.histories for u in user_ids])
-        beta = np.where(has, betas[1], betas[0]).astype(np.float32)
-        return scores + beta[:, None] * np.log1p(self.prior.counts).astype(np.float32)
+    def score(self, user_ids: Sequence[str], beta: float | None = None) -> np.ndarray:
+        scores = self.scorer.score(user_ids)
+        beta = self.beta if beta is None else beta
+        if self.prior is not None and beta:
+            scores += np.float32(beta) * np.log1p(self.prior.counts).astype(np.float32)
+        return scores
 
     def before(self, ts_ms: int) -> None:
         """Set the clock; at a day boundary run the nightly for each finished day."""
         self.scorer.now_ms = ts_ms
-        self._last = None
         day = ts_ms // DAY_MS
         if not self.nightly or self.day == day:
             return
@@ -120,7 +111,6 @@ class TwoTowerArm:
         self.day = day
 
     def learn(self, chunk: Events) -> None:
-        self._last = None
         if self.nightly:
             self.pending.append(chunk)
         if self.stream:
@@ -182,33 +172,31 @@ def tuned_baselines(settings: Settings, history: Events, catalog: np.ndarray,
 class _BetaView:
     """One arm scored with another prior weight (tuning shares one replay)."""
 
-    def __init__(self, arm: TwoTowerArm, betas: tuple[float, float]) -> None:
-        self.arm, self.betas = arm, betas
+    def __init__(self, arm: TwoTowerArm, beta: float) -> None:
+        self.arm, self.beta = arm, beta
 
     def score(self, user_ids: Sequence[str]) -> np.ndarray:
-        return self.arm.score(user_ids, self.betas)
+        return self.arm.score(user_ids, self.beta)
 
 
 def tune_prior_beta(settings: Settings, dataset: Dataset, tuning_base: ModelBundle,
                     history: Events, delay_s: int, half_life_days: float
-                    ) -> tuple[tuple[float, float], dict[str, float]]:
-    """The prior weights (users without, with history) with the best recall@50 on the
-    ``VALIDATION_DAYS`` days before the test window, replayed at ``delay_s`` by a
-    nightly+history arm whose bootstrap (``tuning_base``) ends where those days begin."""
+                    ) -> tuple[float, dict[float, float]]:
+    """The prior weight with the best recall@50 on the ``VALIDATION_DAYS`` days before
+    the test window, replayed at ``delay_s`` by a nightly+history arm whose bootstrap
+    (``tuning_base``) ends where those days begin."""
     split = (int(history.ts_ms.max()) // DAY_MS + 1 - VALIDATION_DAYS) * DAY_MS
     fit, val = history.between(None, split), history.between(split)
     catalog = dataset.catalog()
     arm = TwoTowerArm(settings, dataset, copy.deepcopy(tuning_base), catalog, fit,
-                      SCHEDULES["nightly+history"], (half_life_days, 0.0, 0.0))
-    pairs = [(b0, b1) for b0 in PRIOR_BETAS for b1 in PRIOR_BETAS]
-    views = {f"{b0},{b1}": _BetaView(arm, (b0, b1)) for b0, b1 in pairs}
+                      SCHEDULES["nightly+history"], (half_life_days, 0.0))
+    views = {str(b): _BetaView(arm, b) for b in PRIOR_BETAS}
     res = prequential_arms(views, arm.learn, catalog, val, (50,), chunk_events=None,
                            chunk_ms=delay_s * 1000,
                            rating_threshold=settings.train.rating_threshold, seen=fit,
                            before_chunk=arm.before)
-    scores = {name: round(r[50].recall, 4) for name, r in res.items()}
-    best = max(pairs, key=lambda p: (scores[f"{p[0]},{p[1]}"], -p[0] - p[1]))
-    return best, scores
+    scores = {b: round(res[str(b)][50].recall, 4) for b in PRIOR_BETAS}
+    return max(scores, key=lambda b: (scores[b], -b)), scores
 
 
 def replay_delay(settings: Settings, dataset: Dataset, base: ModelBundle | None,
@@ -231,7 +219,7 @@ def replay_delay(settings: Settings, dataset: Dataset, base: ModelBundle | None,
         beta, scores = tune_prior_beta(settings, dataset, tuning_base, history, delay_s,
                                        half_life)
         tuning["prior"] = {"half_life_days": half_life, "beta": beta, "recall@50": scores}
-        prior = (half_life, *beta)
+        prior = (half_life, beta)
     towers = {m: TwoTowerArm(settings, dataset, copy.deepcopy(base), catalog, history,
                              SCHEDULES[m], prior) for m in models if m in SCHEDULES}
     arms |= towers
