@@ -4,9 +4,11 @@ temporal split, every figure in one JSON-able report.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from common.evaluation.baselines import ItemKNNScorer, PopularityScorer, RecentP
 from common.evaluation.offline import evaluate_scorer, temporal_split
 from common.evaluation.protocol import Scorer
 from common.evaluation.two_tower import TwoTowerScorer
+from common.infra.atomic import write_text_atomic
 from common.infra.settings import Settings
 from common.model.bundle import Features
 
@@ -72,7 +75,9 @@ def build_scorer(name: str, settings: Settings, dataset: Dataset, train: Events,
     variant = settings.with_overrides(**VARIANTS[name])
     bundle, _ = bootstrap(variant.model, variant.train, dataset, train)
     features = Features.build(bundle, dataset.users, dataset.items)
-    return TwoTowerScorer(bundle, features, catalog)
+    # Histories as of the cutoff, for a model that reads them.
+    return TwoTowerScorer(bundle, features, catalog, rating_threshold=
+                          variant.train.rating_threshold, seen=train)
 
 
 def run_offline_eval(settings: Settings, dataset: Dataset, train_before: str | None,
@@ -112,3 +117,25 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{name:<{width}}"
                      + "".join(f"{m.get(c, float('nan')):>11.4f}" for c in cols))
     return "\n".join(lines)
+
+
+def run_prequential_eval(settings: Settings, dataset: Dataset, test_days: int,
+                         update_every: str, users: str, models: Sequence[str] | None,
+                         json_path: Path | None, prior: bool = False) -> dict[str, Any]:
+    """``recstream eval --prequential``: the freshness curve, printed as a table, written
+    as JSON (``json_path``) and drawn as ``recall_vs_delay.png`` beside it (or here)."""
+    from batch.freshness import CURVE_MODELS, format_curve, freshness_curve, plot_curve
+
+    delays = [int(d) for d in update_every.split(",") if d.strip()]
+    if not delays or min(delays) < 1:
+        raise ValueError(f"--update-every wants positive seconds, got {update_every!r}")
+    report = freshness_curve(settings, dataset, test_days, delays,
+                             list(models or CURVE_MODELS), users, prior=prior)
+    print(format_curve(report))
+    plot = (json_path.parent if json_path else Path(".")) / "recall_vs_delay.png"
+    plot_curve(report, plot)
+    print(f"drew {plot}")
+    if json_path:
+        write_text_atomic(json_path, json.dumps(report, indent=2))
+        print(f"wrote {json_path}")
+    return report

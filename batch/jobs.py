@@ -13,6 +13,8 @@ from common.model.registry import Registry
 
 log = logging.getLogger(__name__)
 
+HISTORY_CONTEXT_DAYS = 90
+
 
 @dataclass(frozen=True)
 class JobResult:
@@ -63,7 +65,11 @@ def nightly_job(settings: Settings, dataset: Dataset, day_ms: int, promote: bool
     source = "dataset" if day_events is None else "landed"
     if day_events is None:
         day_events = dataset.events.between(day_ms, day_ms + DAY_MS)
-    stats = nightly(settings.train, bundle, dataset, day_events)
+    # Earlier positives give a history-reading model each example's history from before
+    # the day (a model without a history field ignores them).
+    context = dataset.events.between(day_ms - HISTORY_CONTEXT_DAYS * DAY_MS, day_ms)
+    stats = nightly(settings.train, bundle, dataset, day_events,
+                    context=context.positives(settings.train.rating_threshold))
     version = registry.register(
         bundle, kind="nightly", cutoff_ms=day_ms + DAY_MS, parent=meta["version"], metrics={},
         config_hash=settings.model_hash(),

@@ -114,8 +114,12 @@ def bootstrap(ms: ModelSettings, ts: TrainSettings, dataset: Dataset, history: E
 
 
 def nightly(ts: TrainSettings, bundle: ModelBundle, dataset: Dataset,
-            day_events: Events) -> TrainStats:
-    """One shuffled epoch over a day's events, every parameter updated, in place."""
+            day_events: Events, context: Events | None = None) -> TrainStats:
+    """One shuffled epoch over a day's events, every parameter updated, in place.
+
+    ``context``: positives before the day, from which a model with a history field takes
+    each example's earlier history (without it, histories start at the day's start).
+    """
     positives = day_events.positives(ts.rating_threshold)
     if len(positives) < 2:
         raise EmptyTrainingDataError(
@@ -125,5 +129,5 @@ def nightly(ts: TrainSettings, bundle: ModelBundle, dataset: Dataset,
     features = Features.build(bundle, dataset.users, dataset.items)
     nightly_ts = ts.model_copy(update={"lr_dense": ts.nightly_lr_dense})
     trainer = Trainer(bundle, features, nightly_ts, mode="full")
-    return run_epochs(trainer, encode_examples(bundle, features, positives), 1, nightly_ts,
-                      "nightly")
+    examples = encode_examples(bundle, features, positives, context=context)
+    return run_epochs(trainer, examples, 1, nightly_ts, "nightly")

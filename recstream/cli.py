@@ -132,6 +132,12 @@ def _add_nightly(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--models", default=None,
                     help="comma-separated model names (default: the README table's)")
     ev.add_argument("--json", type=Path, default=None, help="write every figure here")
+    ev.add_argument("--prequential", action="store_true", help="the freshness curve: "
+                    "test-then-train over the last --test-days at each --update-every")
+    ev.add_argument("--update-every", default="60,600,3600,86400",
+                    help="comma-separated update delays in seconds (with --prequential)")
+    ev.add_argument("--prior", action="store_true",
+                    help="add the decayed-popularity prior to the two-tower arms")
 
 
 def _add_loop(sub: argparse._SubParsersAction) -> None:

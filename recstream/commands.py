@@ -133,6 +133,14 @@ def _stderr_line(line: str) -> None:
 def _cmd_eval(settings: Settings, args: argparse.Namespace) -> None:
     from batch.evaluation import DEFAULT_MODELS, format_table, run_offline_eval
 
+    if args.prequential:
+        from batch.evaluation import run_prequential_eval
+
+        run_prequential_eval(settings, _dataset(settings, args), args.test_days,
+                             args.update_every, args.users,
+                             args.models.split(",") if args.models else None, args.json,
+                             args.prior)
+        return
     models = args.models.split(",") if args.models else list(DEFAULT_MODELS)
     report = run_offline_eval(settings, _dataset(settings, args), args.train_before,
                               args.test_days, args.users, models)

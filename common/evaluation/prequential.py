@@ -49,6 +49,17 @@ class PrequentialResult:
     hit: np.ndarray
     n_skipped_seen: int = 0
     n_skipped_uncatalogued: int = 0
+    rank: np.ndarray | None = None  # 0-based rank of the item in the top list, -1 if absent
+
+    def ndcg(self, k: int) -> float:
+        """Mean NDCG@k over scored positives (one relevant item each: 1/log2(rank + 2))."""
+        if self.rank is None:
+            raise ValueError("this result kept no ranks")
+        if not len(self.rank):
+            return float("nan")
+        gain = np.where((self.rank >= 0) & (self.rank < k),
+                        1.0 / np.log2(np.maximum(self.rank, 0) + 2.0), 0.0)
+        return float(gain.mean())
 
     @property
     def recall(self) -> float:
@@ -69,7 +80,8 @@ class PrequentialResult:
         keep = np.isin(self.user_id.astype(str), np.asarray(list(users), dtype=str))
         return PrequentialResult(self.k, self.user_id[keep], self.item_id[keep],
                                  self.ts_ms[keep], self.hit[keep], self.n_skipped_seen,
-                                 self.n_skipped_uncatalogued)
+                                 self.n_skipped_uncatalogued,
+                                 None if self.rank is None else self.rank[keep])
 
 
 def _grouped(keys: np.ndarray, hit: np.ndarray, cast: type) -> list[GroupStat]:
@@ -100,11 +112,14 @@ def prequential_arms(arms: Mapping[str, Scorer], learn: Callable[[Events], None]
                      catalog: np.ndarray, events: Events, ks: Sequence[int] = (50,),
                      chunk_events: int | None = 1000, chunk_ms: int | None = None,
                      rating_threshold: float = 4.0, exclude_seen: bool = True,
-                     seen: Events | None = None, batch_users: int = 256
+                     seen: Events | None = None, batch_users: int = 256,
+                     before_chunk: Callable[[int], None] | None = None
                      ) -> dict[str, dict[int, PrequentialResult]]:
     """``prequential`` for several models on the same queries: each chunk is scored by
     every arm, then ``learn(chunk)`` runs once (e.g. one system advancing, compared
-    with and without its stream). Returns a result per arm and per k in ``ks``."""
+    with and without its stream). ``before_chunk(ts_ms)`` runs before a chunk is scored,
+    with the chunk's first event time (a clock for models that act at set times, such
+    as a nightly at the day boundary). Returns a result per arm and per k in ``ks``."""
     if chunk_events is None and chunk_ms is None:
         raise ValueError("set chunk_events, chunk_ms or both")
     catalog = np.asarray(catalog, dtype=object)
@@ -116,26 +131,32 @@ def prequential_arms(arms: Mapping[str, Scorer], learn: Callable[[Events], None]
         for user, col in zip(seen.user_id, catalog_columns(seen.item_id, catalog), strict=True):
             tracker.add(str(user), int(col))
     scored: list[np.ndarray] = []
-    hits: dict[str, dict[int, list[np.ndarray]]] = {a: {k: [] for k in ks} for a in arms}
+    ranks: dict[str, list[np.ndarray]] = {a: [] for a in arms}
     skipped = {"seen": 0, "uncatalogued": 0}
     bounds = _chunk_bounds(events.ts_ms, chunk_events, chunk_ms)
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         queries = _queries(events, cols, positive, lo, hi, tracker, exclude_seen, skipped)
+        if before_chunk is not None and queries:
+            before_chunk(int(events.ts_ms[lo]))
         for start in range(0, len(queries), batch_users):
             batch = queries[start: start + batch_users]
             scored.append(np.array([q[0] for q in batch], dtype=np.int64))
             targets = np.array([q[2] for q in batch], dtype=np.int64)
             for arm, model in arms.items():
-                top = _top(model, catalog, batch, tracker, max(ks), exclude_seen)
-                for k in ks:
-                    hits[arm][k].append((top[:, :k] == targets[:, None]).any(axis=1))
+                match = _top(model, catalog, batch, tracker, max(ks), exclude_seen) \
+                    == targets[:, None]
+                ranks[arm].append(np.where(match.any(axis=1), match.argmax(axis=1), -1))
         # Test-then-train: the model learns the chunk only after every query above.
         learn(events.take(np.arange(lo, hi)))
     idx = np.concatenate(scored) if scored else np.zeros(0, np.int64)
-    return {arm: {k: PrequentialResult(
-        k, events.user_id[idx], events.item_id[idx], events.ts_ms[idx],
-        np.concatenate(h) if h else np.zeros(0, bool), skipped["seen"],
-        skipped["uncatalogued"]) for k, h in per_k.items()} for arm, per_k in hits.items()}
+    out: dict[str, dict[int, PrequentialResult]] = {}
+    for arm, parts in ranks.items():
+        rank = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        out[arm] = {k: PrequentialResult(
+            k, events.user_id[idx], events.item_id[idx], events.ts_ms[idx],
+            (rank >= 0) & (rank < k), skipped["seen"], skipped["uncatalogued"], rank)
+            for k in ks}
+    return out
 
 
 class _SeenTracker:

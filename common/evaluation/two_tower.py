@@ -12,42 +12,82 @@ import numpy as np
 from common.data.dataset import Dataset
 from common.data.events import Events
 from common.model.bundle import Features, ModelBundle, encode_examples
+from common.model.history import UserHistories
 from common.model.registry import Registry
+from common.model.replay import ReplayBuffer
 from common.model.training import Trainer
-from common.model.vectors import item_vectors, user_vectors
+from common.model.vectors import item_vectors, user_histories, user_vectors
 
 
 class TwoTowerScorer:
-    """Scores a fixed catalogue; with a trainer it also learns (prequential replay)."""
+    """Scores a fixed catalogue; with a trainer it also learns (prequential replay).
+
+    On a model with a history field the scorer keeps each user's recent positives
+    (``histories``, seeded from ``seen``'s positives); ``observe`` appends to them and
+    ``now_ms`` is the clock their ages are measured against.
+    """
 
     def __init__(self, bundle: ModelBundle, features: Features, catalog: np.ndarray,
-                 trainer: Trainer | None = None, rating_threshold: float = 4.0) -> None:
+                 trainer: Trainer | None = None, rating_threshold: float = 4.0,
+                 seen: Events | None = None, replay: ReplayBuffer | None = None,
+                 min_batch: int = 2) -> None:
         self.bundle, self.features, self.trainer = bundle, features, trainer
+        self.replay, self.min_batch = replay, min_batch
         self.catalog = [str(c) for c in catalog]
         self.rating_threshold = rating_threshold
         self.bundle.model.eval()
+        self.histories = UserHistories(max(1, bundle.model.cfg.history_len))
+        self.now_ms = 0
+        if seen is not None:
+            self.observe(seen)
         self._items = item_vectors(bundle, features, self.catalog)
 
     def score(self, user_ids: Sequence[str]) -> np.ndarray:
         """Cosine of each user with every catalogue item, ``[n_users, n_catalog]``."""
-        users = user_vectors(self.bundle, self.features, list(user_ids))
-        return (users @ self._items.T).numpy()
+        users = list(user_ids)
+        history = user_histories(self.bundle, self.histories, users, self.now_ms)
+        vecs = user_vectors(self.bundle, self.features, users, history)
+        return (vecs @ self._items.T).numpy()
+
+    def observe(self, events: Events) -> None:
+        """Append the events' positives to the users' histories (no learning)."""
+        positives = events.sorted_by_time().positives(self.rating_threshold)
+        self.histories.append(positives.user_id, positives.item_id, positives.ts_ms)
+        if len(positives):
+            self.now_ms = max(self.now_ms, int(positives.ts_ms.max()) + 1)
+
+    def refresh_items(self) -> None:
+        """Re-embed the catalogue after the item side changed (e.g. a nightly)."""
+        self._items = item_vectors(self.bundle, self.features, self.catalog)
 
     def learn(self, events: Events) -> None:
-        """Embedding-only steps on the events' positives, in event-time order."""
+        """Embedding-only steps on the events' positives, in event-time order (each
+        example's history from ``histories`` as they were before these events)."""
         if self.trainer is None:
             raise RuntimeError("this scorer was built without a trainer; it cannot learn")
         positives = events.sorted_by_time().positives(self.rating_threshold)
         if len(positives) == 0:
             return
         self.bundle.observe(positives)
-        examples = encode_examples(self.bundle, self.features, positives)
+        examples = encode_examples(self.bundle, self.features, positives,
+                                   context=self._context(positives))
         size = self.trainer.ts.batch_size
         for lo in range(0, len(examples), size):
-            idx = np.arange(lo, min(lo + size, len(examples)))
-            if len(idx) >= 2:
-                self.trainer.step(examples.take(idx))
-        self._items = item_vectors(self.bundle, self.features, self.catalog)
+            batch = examples.take(np.arange(lo, min(lo + size, len(examples))))
+            if self.replay is not None:
+                new, batch = batch, self.replay.top_up(batch, self.min_batch)
+                self.replay.add(new)
+            if len(batch) >= 2:
+                self.trainer.step(batch)
+        self.refresh_items()
+
+    def _context(self, positives: Events) -> Events | None:
+        if self.bundle.model.cfg.history_len == 0:
+            return None
+        users, items, ts = self.histories.context(positives.user_id,
+                                                  int(positives.ts_ms.min()))
+        return Events.from_columns(event_id=[""] * len(users), user_id=users, item_id=items,
+                                   ts_ms=ts, event_type=["click"] * len(users))
 
 
 class ChampionScorer:

@@ -259,6 +259,17 @@ class ModelSettings(_Group):
     freq_hash_size: int = Field(1 << 20, ge=16)
     freq_num_hashes: int = Field(2, ge=1, le=8)
     freq_alpha: float = Field(0.01, gt=0, le=1)
+    # --- issue 14: the user tower's history field ---
+    history_len: int = Field(
+        0, ge=0, le=1000, description="the user's last N positives pooled into the user tower "
+        "(0 = ID row and side features only)")
+    history_pooling: Literal["decay", "attention"] = Field(
+        "decay", description="time-decayed mean, or a small learned attention")
+    history_half_life_h: float = Field(
+        24.0, gt=0, description="half-life of the decayed mean's weights, in hours")
+    history_input: Literal["ids", "vectors"] = Field(
+        "ids", description="pool item-ID rows into an MLP field, or pool item vectors and "
+        "add them to the user vector")
 
 
 class TrainSettings(_Group):
@@ -290,6 +301,13 @@ class TrainSettings(_Group):
     max_loss: float = Field(1e4, gt=0, description="a loss above this counts as divergence")
     seed: int = 0
     threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
+    # --- issue 14 ---
+    user_id_dropout: float = Field(
+        0.0, ge=0, lt=1, description="share of full-training examples whose user row is "
+        "swapped for the cold row, so history and features learn to carry new users")
+    item_lr_scale: float = Field(
+        1.0, ge=0, description="item ID rows step at lr_embedding times this (the stream "
+        "sets its own: one user's few events should move their row, not everyone's items)")
 
 
 class StreamSettings(_Group):
@@ -323,6 +341,18 @@ class StreamSettings(_Group):
     metrics_host: str = "127.0.0.1"
     trainer_metrics_port: int = Field(9410, ge=0, le=65535, description="0 = no endpoint")
     lander_metrics_port: int = Field(9411, ge=0, le=65535, description="0 = no endpoint")
+    # --- issue 14: stream steps that stay sane on small windows ---
+    # Defaults from the freshness-curve sweep (bench/results/freshness_sweep.json): at 60 s
+    # windows, replay + negatives + user rows only took recall@50 from 0.20 to 0.46.
+    replay_size: int = Field(
+        2048, ge=0, description="recent positives kept to top up small steps (0 = no replay)")
+    min_batch: int = Field(
+        128, ge=2, description="a step's new positives are topped up from the replay to this")
+    random_negatives: int = Field(
+        128, ge=0, description="catalogue negatives (prob ∝ count^0.75) added to each step")
+    item_lr_scale: float = Field(
+        0.0, ge=0, description="item rows step at lr_embedding times this (0 = users only: "
+        "one user's events then never move another user's answers)")
 
 
 class EvalSettings(_Group):

@@ -15,6 +15,7 @@ from common.data.tables import FeatureTable
 from common.infra.settings_groups import ModelSettings
 from common.model.features import EncodedFeatures, FeatureEncoder
 from common.model.freq import FrequencyEstimator, stable_hash
+from common.model.history import HistoryBatch, example_histories
 from common.model.towers import TwoTower, TwoTowerConfig
 from common.model.vocab import Distinct, IdVocab
 
@@ -42,7 +43,9 @@ class ModelBundle:
             user_rows=1, item_rows=1, embedding_dim=ms.embedding_dim,
             feature_dim=ms.feature_dim, hidden_dims=ms.hidden_dims, output_dim=ms.output_dim,
             senet=ms.senet, temperature=ms.temperature, user_cat=user_cat,
-            user_multi=user_multi, item_cat=item_cat, item_multi=item_multi)
+            user_multi=user_multi, item_cat=item_cat, item_multi=item_multi,
+            history_len=ms.history_len, history_pooling=ms.history_pooling,
+            history_half_life_h=ms.history_half_life_h, history_input=ms.history_input)
         torch.manual_seed(seed)
         return cls(TwoTower(cfg), IdVocab(ms.min_count), IdVocab(ms.min_count), user_enc,
                    item_enc, FrequencyEstimator(ms.freq_hash_size, ms.freq_num_hashes,
@@ -96,20 +99,30 @@ class Examples:
     item_feat: np.ndarray
     item_keys: np.ndarray  # uint64 stable hashes of raw item ids (frequency estimator keys)
     ts_ms: np.ndarray
+    history: HistoryBatch | None = None  # each user's positives strictly before the example
 
     def __len__(self) -> int:
         return len(self.user_rows)
 
     def take(self, idx: np.ndarray) -> Examples:
         return Examples(self.user_rows[idx], self.user_feat[idx], self.item_rows[idx],
-                        self.item_feat[idx], self.item_keys[idx], self.ts_ms[idx])
+                        self.item_feat[idx], self.item_keys[idx], self.ts_ms[idx],
+                        None if self.history is None else self.history.take(idx))
 
 
 def encode_examples(bundle: ModelBundle, features: Features, positives: Events,
-                    ids: BatchIds | None = None) -> Examples:
-    """Rows and feature rows for each positive event (vocabularies must have observed them)."""
+                    ids: BatchIds | None = None, context: Events | None = None) -> Examples:
+    """Rows and feature rows for each positive event (vocabularies must have observed them).
+
+    On a model with a history field each example also gets its user's positives strictly
+    before it, from ``positives`` themselves and from ``context`` (earlier positives, e.g.
+    the days before a nightly's day; only those older than every example are used).
+    """
     ids = ids or BatchIds.of(positives)
     users, items = ids.users, ids.items
+    history = None
+    if bundle.model.cfg.history_len > 0:
+        history = training_histories(bundle, positives, context)
     return Examples(
         user_rows=users.spread(bundle.user_vocab.lookup(users.values)),
         user_feat=users.spread(features.users.rows(users.values)),
@@ -117,5 +130,23 @@ def encode_examples(bundle: ModelBundle, features: Features, positives: Events,
         item_feat=items.spread(features.items.rows(items.values)),
         item_keys=items.spread(stable_hash(items.values)),
         ts_ms=positives.ts_ms.copy(),
+        history=history,
     )
+
+
+def training_histories(bundle: ModelBundle, positives: Events,
+                       context: Events | None = None) -> HistoryBatch:
+    """Each positive's history (``example_histories``) over ``context`` + ``positives``."""
+    if context is not None and len(positives):
+        context = context.between(None, int(positives.ts_ms.min()))
+    else:
+        context = Events.empty()
+    users = np.concatenate([context.user_id, positives.user_id])
+    items = np.concatenate([context.item_id, positives.item_id])
+    rows = Distinct.of(items)
+    item_rows = rows.spread(bundle.item_vocab.lookup(rows.values)) if len(items) else \
+        np.zeros(0, np.int64)
+    ts = np.concatenate([context.ts_ms, positives.ts_ms])
+    is_query = np.r_[np.zeros(len(context), bool), np.ones(len(positives), bool)]
+    return example_histories(users, item_rows, ts, bundle.model.cfg.history_len, is_query)
 

@@ -15,6 +15,7 @@ L2-normalised vector. A score is ``cos(u, i) / temperature``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ADAGRAD_INIT = 0.1
+# (item embeddings [B, N, D], age in hours [B, N], mask [B, N]) of users' recent positives.
+History = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,14 @@ class TwoTowerConfig:
     user_multi: list[int] = field(default_factory=list)
     item_cat: list[int] = field(default_factory=list)
     item_multi: list[int] = field(default_factory=list)
+    # The user's last positives pooled over item-ID rows (0 = no history field: the
+    # layout of versions saved before histories existed).
+    history_len: int = 0
+    history_pooling: str = "decay"  # "decay" (time-decayed mean) or "attention"
+    history_half_life_h: float = 24.0
+    # "ids": pooled item-ID rows enter the MLP as one more field; "vectors": pooled item
+    # tower outputs are added to the user vector (a learned-weight item-to-item term).
+    history_input: str = "ids"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -49,6 +60,7 @@ class TwoTowerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TwoTowerConfig:
+        # Versions saved before a field existed load with its default.
         return cls(**{**d, "hidden_dims": tuple(d["hidden_dims"])})
 
 
@@ -145,11 +157,55 @@ class SENet(nn.Module):
         return [f * weights[:, j : j + 1] for j, f in enumerate(fields)]
 
 
-class Tower(nn.Module):
-    """One side of the model: ID embedding + side features → unit vector."""
+class HistoryPool(nn.Module):
+    """Pools a user's recent item embeddings ``[B, N, D]`` into one ``[B, D]`` field.
 
-    def __init__(self, rows: int, cat: list[int], multi: list[int], cfg: TwoTowerConfig) -> None:
+    ``decay``: a mean weighted by 0.5^(age / half-life), so what the user did a minute
+    ago counts most. ``attention``: softmax of a learned query against each item plus a
+    learned penalty on log(1 + age in hours). Padded positions weigh nothing; an empty
+    history pools to zeros (the tower then leans on the ID row and features).
+    """
+
+    def __init__(self, cfg: TwoTowerConfig, dim: int) -> None:
         super().__init__()
+        if cfg.history_pooling not in ("decay", "attention"):
+            raise ValueError(f"history_pooling must be 'decay' or 'attention', "
+                             f"got {cfg.history_pooling!r}")
+        self.mode, self.half_life_h = cfg.history_pooling, cfg.history_half_life_h
+        if self.mode == "attention":
+            self.query = nn.Parameter(torch.zeros(dim))
+            self.age_weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, emb: torch.Tensor, age_h: torch.Tensor, mask: torch.Tensor
+                ) -> torch.Tensor:
+        if self.mode == "decay":
+            logits = age_h * (-math.log(2.0) / self.half_life_h)
+        else:
+            logits = emb @ self.query / math.sqrt(emb.shape[-1]) \
+                - F.softplus(self.age_weight) * torch.log1p(age_h)
+        logits = logits.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # all-padded rows: 0
+        return torch.einsum("bn,bnd->bd", weights, emb)
+
+
+class Tower(nn.Module):
+    """One side of the model: ID embedding + side features (+ pooled history) → unit vector."""
+
+    def __init__(self, rows: int, cat: list[int], multi: list[int], cfg: TwoTowerConfig,
+                 history: bool = False) -> None:
+        super().__init__()
+        if cfg.history_input not in ("ids", "vectors"):
+            raise ValueError(f"history_input must be 'ids' or 'vectors', "
+                             f"got {cfg.history_input!r}")
+        self.history: HistoryPool | None = None
+        self.history_field = self.history_vectors = False
+        if history and cfg.history_len > 0:
+            self.history_vectors = cfg.history_input == "vectors"
+            self.history_field = not self.history_vectors
+            self.history = HistoryPool(cfg, cfg.output_dim if self.history_vectors
+                                       else cfg.embedding_dim)
+        if self.history_vectors:
+            self.history_weight = nn.Parameter(torch.ones(()))
         self.ids = RowSparseEmbedding(rows, cfg.embedding_dim)
         self.cat_table = nn.Embedding(max(1, sum(cat)), cfg.feature_dim)
         offsets = torch.tensor([0] + cat[:-1], dtype=torch.long).cumsum(0) if cat else \
@@ -157,9 +213,10 @@ class Tower(nn.Module):
         self.register_buffer("cat_offsets", offsets, persistent=False)
         self.bags = nn.ModuleList(
             nn.EmbeddingBag(n, cfg.feature_dim, mode="mean", padding_idx=0) for n in multi)
-        num_fields = 1 + len(cat) + len(multi)
+        num_fields = 1 + len(cat) + len(multi) + self.history_field
         self.senet = SENet(num_fields) if cfg.senet and num_fields > 1 else None
-        width = cfg.embedding_dim + cfg.feature_dim * (len(cat) + len(multi))
+        width = cfg.embedding_dim * (1 + self.history_field) \
+            + cfg.feature_dim * (len(cat) + len(multi))
         layers: list[nn.Module] = []
         for h in cfg.hidden_dims:
             layers += [nn.Linear(width, h), nn.ReLU()]
@@ -167,21 +224,31 @@ class Tower(nn.Module):
         layers.append(nn.Linear(width, cfg.output_dim))
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, id_emb: torch.Tensor, cat: torch.Tensor,
-                multi: list[torch.Tensor]) -> torch.Tensor:
-        """Unit vectors from already-gathered ID embeddings and encoded features."""
+    def forward(self, id_emb: torch.Tensor, cat: torch.Tensor, multi: list[torch.Tensor],
+                history: History | None = None) -> torch.Tensor:
+        """Unit vectors ``[B, output_dim]`` from gathered ID embeddings ``[B, D]``, encoded
+        features and, on a tower with a history field, the history (``History``)."""
         fields = [id_emb]
+        pooled = None if history is None or self.history is None else self.history(*history)
+        if self.history_field:
+            fields.append(id_emb.new_zeros(id_emb.shape) if pooled is None else pooled)
         if cat.shape[1]:
             fields += list(self.cat_table(cat + self.cat_offsets).unbind(dim=1))
         fields += [bag(m) for bag, m in zip(self.bags, multi, strict=True)]
         if self.senet is not None:
             fields = self.senet(fields)
-        return F.normalize(self.mlp(torch.cat(fields, dim=1)), dim=1)
+        out = F.normalize(self.mlp(torch.cat(fields, dim=1)), dim=1)
+        if self.history_vectors and pooled is not None:
+            # cos(u, i) then holds a weighted sum of cos(recent item, i): item-to-item
+            # in the learned space, on top of what the ID row and features say.
+            out = F.normalize(out + self.history_weight * pooled, dim=1)
+        return out
 
-    def encode(self, rows: torch.Tensor, cat: torch.Tensor,
-               multi: list[torch.Tensor]) -> torch.Tensor:
+    def encode(self, rows: torch.Tensor, cat: torch.Tensor, multi: list[torch.Tensor],
+               history: History | None = None) -> torch.Tensor:
         """Inference: unit vectors for ID rows and their encoded features."""
-        return self(self.ids.weight[rows], cat, multi)
+        return self(self.ids.weight[rows], cat, multi, history)
+
 
 
 class TwoTower(nn.Module):
@@ -190,11 +257,15 @@ class TwoTower(nn.Module):
     def __init__(self, cfg: TwoTowerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.user = Tower(cfg.user_rows, cfg.user_cat, cfg.user_multi, cfg)
+        self.user = Tower(cfg.user_rows, cfg.user_cat, cfg.user_multi, cfg, history=True)
         self.item = Tower(cfg.item_rows, cfg.item_cat, cfg.item_multi, cfg)
         self.temperature = cfg.temperature
         # Logit offset for the pointwise (BCE) objective; unused by the softmax one.
         self.bias = nn.Parameter(torch.zeros(()))
+
+    def history(self, rows: torch.Tensor, age_h: torch.Tensor, mask: torch.Tensor) -> History:
+        """Inference input of the user tower's history field from item rows ``[B, N]``."""
+        return self.item.ids.weight[rows], age_h, mask
 
     def grow(self, user_rows: int, item_rows: int) -> None:
         """Enlarge the ID tables for vocabularies that grew; existing rows are kept."""

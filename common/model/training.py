@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -14,6 +14,8 @@ import torch
 from common.infra.settings_groups import TrainSettings
 from common.model.bundle import Examples, Features, ModelBundle
 from common.model.losses import inbatch_softmax_loss, pointwise_bce_loss
+from common.model.towers import RowGrad
+from common.model.vocab import COLD_ROW
 
 Mode = Literal["full", "embedding"]
 _SAMPLER_REFRESH_STEPS = 100
@@ -30,6 +32,17 @@ class StepResult:
     loss: float
     user_rows: np.ndarray
     item_rows: np.ndarray
+
+
+class _Forward(NamedTuple):
+    """Tower outputs of a batch and what its backward step needs."""
+
+    u: torch.Tensor  # [B, out]
+    v: torch.Tensor  # [B + n_neg, out]: targets, then negatives
+    n_neg: int
+    neg_logp: torch.Tensor | None
+    u_grad: RowGrad
+    i_grad: RowGrad
 
 
 class NegativeSampler:
@@ -87,24 +100,66 @@ class Trainer:
             self._item_feat = (len(vocab), torch.from_numpy(feat))
         return self._item_feat[1]
 
-    def step(self, ex: Examples) -> StepResult:
-        """One update on a batch of positives; raises ``TrainingDivergedError`` on a bad loss."""
+    def _user_rows(self, ex: Examples) -> torch.Tensor:
+        """The batch's user rows; in full training with ``user_id_dropout`` a share of them
+        is swapped for the shared cold row, so the tower learns to serve users it has no
+        row for (yet) from their features and history alone."""
+        rows = torch.from_numpy(ex.user_rows)
+        p = self.ts.user_id_dropout
+        if self.mode != "full" or p <= 0:
+            return rows
+        drop = torch.rand(len(rows), generator=self.generator) < p
+        return rows.masked_fill(drop, COLD_ROW)
+
+    def _history_vectors(self, hist_rows: torch.Tensor, i_grad: RowGrad | None
+                         ) -> torch.Tensor:
+        """Item tower outputs ``[B, N, out]`` of history rows ``[B, N]``, each distinct item
+        run once, from the gathered (trainable) ID rows so its gradient reaches them."""
+        assert i_grad is not None
+        uniq, inverse = torch.unique(hist_rows, return_inverse=True)
+        emb = i_grad.leaf.index_select(0, torch.searchsorted(i_grad.rows, uniq))
+        cat, multi = self.features.items.gather(self._item_feature_rows()[uniq])
+        return self.bundle.model.item(emb, cat, multi)[inverse]
+
+    def _forward(self, ex: Examples) -> _Forward:
+        """Both towers on a batch: targets first, then the sampled negatives."""
         model, ts = self.bundle.model, self.ts
         b = len(ex)
         item_rows = torch.from_numpy(ex.item_rows)
         item_feat = torch.from_numpy(ex.item_feat)
         n_neg = ts.random_negatives if ts.loss == "inbatch" else ts.pointwise_negatives * b
-        neg_rows = neg_logp = None
+        neg_logp = None
         if n_neg:
             neg_rows, neg_logp = self._negatives(n_neg)
             item_rows = torch.cat([item_rows, neg_rows])
             item_feat = torch.cat([item_feat, self._item_feature_rows()[neg_rows]])
-        u_emb, u_grad = model.user.ids.gather(torch.from_numpy(ex.user_rows), trainable=True)
+        n_items = len(item_rows)
+        history = ex.history if model.user.history is not None else None
+        if history is not None:
+            # One gather for targets, negatives and history items: an item row read in
+            # several roles gets one summed gradient and one Adagrad step.
+            item_rows = torch.cat([item_rows, torch.from_numpy(history.rows).reshape(-1)])
+        u_emb, u_grad = model.user.ids.gather(self._user_rows(ex), trainable=True)
         i_emb, i_grad = model.item.ids.gather(item_rows, trainable=True)
         u_cat, u_multi = self.features.users.gather(torch.from_numpy(ex.user_feat))
         i_cat, i_multi = self.features.items.gather(item_feat)
-        u = model.user(u_emb, u_cat, u_multi)
-        v = model.item(i_emb, i_cat, i_multi)
+        hist = None
+        if history is not None:
+            hist_rows, age_h, mask = history.tensors()
+            if model.user.history_vectors:
+                hist = (self._history_vectors(hist_rows, i_grad), age_h, mask)
+            else:
+                hist = (i_emb[n_items:].view(b, -1, i_emb.shape[1]), age_h, mask)
+        assert u_grad is not None and i_grad is not None
+        return _Forward(model.user(u_emb, u_cat, u_multi, hist),
+                        model.item(i_emb[:n_items], i_cat, i_multi), n_neg, neg_logp,
+                        u_grad, i_grad)
+
+    def step(self, ex: Examples) -> StepResult:
+        """One update on a batch of positives; raises ``TrainingDivergedError`` on a bad loss."""
+        model, ts = self.bundle.model, self.ts
+        b = len(ex)
+        u, v, n_neg, neg_logp, u_grad, i_grad = self._forward(ex)
         self.bundle.freq.update(ex.item_keys)
         if ts.loss == "inbatch":
             log_q = torch.from_numpy(np.log(self.bundle.freq.probability(ex.item_keys)))
@@ -125,8 +180,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(model.parameters(), ts.max_grad_norm, foreach=True)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        assert u_grad is not None and i_grad is not None
-        updates = u_grad.update(ts.lr_embedding), i_grad.update(ts.lr_embedding)
+        updates = (u_grad.update(ts.lr_embedding),
+                   i_grad.update(ts.lr_embedding * ts.item_lr_scale))
         if not all(u is None or bool(torch.isfinite(u[1]).all()) for u in updates):
             # A finite loss can still step a row to inf/NaN: nothing of it is written.
             raise TrainingDivergedError("an ID-row update is not finite (learning rate "

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from common.model.bundle import Features, ModelBundle
+from common.model.history import HistoryBatch, UserHistories
 from common.model.towers import Tower
 from common.model.vocab import COLD_ROW
 
@@ -17,11 +18,49 @@ _CHUNK = 65_536
 
 
 @torch.no_grad()
-def user_vectors(bundle: ModelBundle, features: Features, user_ids: Sequence[str]) -> torch.Tensor:
-    """Unit user vectors; unknown users get the cold row plus their side features."""
+def user_vectors(bundle: ModelBundle, features: Features, user_ids: Sequence[str],
+                 history: HistoryBatch | None = None) -> torch.Tensor:
+    """Unit user vectors ``[B, output_dim]``; unknown users get the cold row plus their
+    side features, and (on a model with a history field) their recent positives."""
     rows = torch.from_numpy(bundle.user_vocab.lookup(user_ids))
     feat = torch.from_numpy(features.users.rows(user_ids))
-    return _encode(bundle.model.user, rows, feat, features.users.gather)
+    model = bundle.model
+    if history is None or model.user.history is None:
+        return _encode(model.user, rows, feat, features.users.gather)
+    hist_rows, age_h, mask = history.tensors()
+    cat, multi = features.users.gather(feat)
+    if model.user.history_vectors:
+        hist = (history_item_vectors(bundle, features, hist_rows), age_h, mask)
+    else:
+        hist = model.history(hist_rows, age_h, mask)
+    return model.user.encode(rows, cat, multi, hist)
+
+
+@torch.no_grad()
+def history_item_vectors(bundle: ModelBundle, features: Features, rows: torch.Tensor
+                         ) -> torch.Tensor:
+    """Item vectors ``[B, N, out]`` of history item rows ``[B, N]`` (each distinct row once;
+    the cold row, also the padding, gets the cold row with no features)."""
+    uniq, inverse = torch.unique(rows, return_inverse=True)
+    own = uniq[uniq != COLD_ROW]
+    ids = bundle.item_vocab.ids_of(own.numpy())
+    table = torch.zeros(len(uniq), bundle.model.item.mlp[-1].out_features)
+    table[uniq != COLD_ROW] = item_vectors(bundle, features, ids)
+    if bool((uniq == COLD_ROW).any()):
+        table[uniq == COLD_ROW] = _encode(bundle.model.item, torch.zeros(1, dtype=torch.long),
+                                          torch.zeros(1, dtype=torch.long),
+                                          features.items.gather)
+    return table[inverse]
+
+
+def user_histories(bundle: ModelBundle, histories: UserHistories, user_ids: Sequence[str],
+                   now_ms: int) -> HistoryBatch | None:
+    """The model's history input for ``user_ids`` at ``now_ms`` (None on a model without
+    a history field)."""
+    n = bundle.model.cfg.history_len
+    if n == 0:
+        return None
+    return histories.batch(user_ids, bundle.item_vocab.lookup, now_ms, max_len=n)
 
 
 @torch.no_grad()
