@@ -72,7 +72,8 @@ def test_prequential_cli_writes_curve_json_and_plot(tmp_path: Path) -> None:
 
 def test_a_user_without_an_id_row_is_personalised_by_history() -> None:
     ds = _days_dataset()
-    bundle, _ = bootstrap(small_settings(**HISTORY), ds, ds.events)
+    settings = small_settings(**HISTORY)
+    bundle, _ = bootstrap(settings.model, settings.train, ds, ds.events)
     features = Features.build(bundle, ds.users, ds.items)
     hist = UserHistories(5)
     hist.append(["new1", "new2"], ["i0", "i1"], [0, 0])
@@ -85,7 +86,8 @@ def test_a_user_without_an_id_row_is_personalised_by_history() -> None:
 
 def test_history_model_saves_and_loads_and_old_configs_still_load(tmp_path: Path) -> None:
     ds = _days_dataset()
-    bundle, _ = bootstrap(small_settings(**HISTORY), ds, ds.events)
+    settings = small_settings(**HISTORY)
+    bundle, _ = bootstrap(settings.model, settings.train, ds, ds.events)
     registry = Registry(tmp_path)
     version = registry.register(bundle, kind="bootstrap", cutoff_ms=1, parent=None,
                                 metrics={}, config_hash="x")
