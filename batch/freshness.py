@@ -40,7 +40,7 @@ from common.infra.settings import Settings
 from common.infra.settings_groups import TrainSettings
 from common.model.bundle import Features, ModelBundle
 from common.model.replay import ReplayBuffer
-from common.model.training import Trainer
+from common.model.training import Trainer, stream_step_settings
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,10 @@ KS = (10, 50)
 
 
 def stream_settings(settings: Settings) -> TrainSettings:
-    """The training knobs the stream steps with (its batch size and ID-row rate)."""
+    """The stream's step knobs (``stream_step_settings``) plus the two the freshness sweep
+    chose and the stream daemon does not read yet: catalogue negatives, item-row rate."""
     st = settings.stream
-    return settings.train.model_copy(update={
-        "batch_size": st.batch_size, "lr_embedding": st.lr_embedding,
+    return stream_step_settings(settings.train, st).model_copy(update={
         "random_negatives": st.random_negatives, "item_lr_scale": st.item_lr_scale})
 
 
@@ -233,7 +233,7 @@ def replay_delay(settings: Settings, dataset: Dataset, base: ModelBundle | None,
         for arm in arms.values():
             arm.learn(chunk)
 
-    results = prequential_arms(arms, learn, dataset.catalog(), test, KS, chunk_events=None,
+    results = prequential_arms(arms, learn, catalog, test, KS, chunk_events=None,
                                chunk_ms=delay_s * 1000,
                                rating_threshold=settings.train.rating_threshold,
                                seen=history, before_chunk=before)

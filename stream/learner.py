@@ -18,7 +18,7 @@ from common.data.events import Events
 from common.infra.settings import Settings
 from common.infra.settings_groups import TrainSettings
 from common.model.bundle import BatchIds, Features, ModelBundle, encode_examples
-from common.model.training import Trainer, TrainingDivergedError
+from common.model.training import Trainer, TrainingDivergedError, stream_step_settings
 from common.model.vectors import item_vectors, servable_items
 from common.model.vocab import COLD_ROW
 from publisher.base import Delta, Interactions
@@ -116,13 +116,8 @@ class StreamLearner:
 
 
 def stream_train_settings(settings: Settings) -> TrainSettings:
-    """The training knobs with the stream's own batch size and ID-row learning rate.
-
-    Steps of 128 cost more in overhead than in maths at 50k events/s; larger steps with
-    the learning rate scaled alike (0.05 x 512/128) learn as much per event.
-    """
-    return settings.train.model_copy(update={"batch_size": settings.stream.batch_size,
-                                             "lr_embedding": settings.stream.lr_embedding})
+    """The stream daemon's training knobs (``common.model.training.stream_step_settings``)."""
+    return stream_step_settings(settings.train, settings.stream)
 
 
 def _chunks(n: int, size: int) -> list[np.ndarray]:
