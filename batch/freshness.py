@@ -37,7 +37,6 @@ from common.evaluation.online_baselines import DecayedPopularity, HistoryKNN, On
 from common.evaluation.prequential import PrequentialResult, prequential_arms
 from common.evaluation.two_tower import TwoTowerScorer
 from common.infra.settings import Settings
-from common.infra.settings_groups import TrainSettings
 from common.model.bundle import Features, ModelBundle
 from common.model.replay import ReplayBuffer
 from common.model.training import Trainer, stream_step_settings
@@ -61,14 +60,6 @@ VALIDATION_DAYS = 14
 KS = (10, 50)
 
 
-def stream_settings(settings: Settings) -> TrainSettings:
-    """The stream's step knobs (``stream_step_settings``) plus the two the freshness sweep
-    chose and the stream daemon does not read yet: catalogue negatives, item-row rate."""
-    st = settings.stream
-    return stream_step_settings(settings.train, st).model_copy(update={
-        "random_negatives": st.random_negatives, "item_lr_scale": st.item_lr_scale})
-
-
 class TwoTowerArm:
     """A two-tower system in the replay: its bundle, served histories and schedule."""
 
@@ -83,7 +74,8 @@ class TwoTowerArm:
         self.beta = 0.0 if prior is None else prior[1]
         self.nightly, self.fresh_history, self.stream = schedule
         features = Features.build(bundle, dataset.users, dataset.items)
-        trainer = Trainer(bundle, features, stream_settings(settings), mode="embedding") \
+        trainer = Trainer(bundle, features, stream_step_settings(settings.train, settings.stream),
+                          mode="embedding") \
             if self.stream else None
         replay = ReplayBuffer(settings.stream.replay_size, settings.train.seed) \
             if self.stream and settings.stream.replay_size else None
