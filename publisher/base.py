@@ -52,11 +52,25 @@ class Interactions:
     ts_ms: list[int]
 
 
+# Per user: item ids oldest first and their event times (ms): the last positives.
+History = tuple[list[str], list[int]]
+
+
 class Publisher(Protocol):
-    """Where deltas go."""
+    """Where deltas go, and where users' histories (their recent positives) live."""
 
     def publish_delta(self, delta: Delta) -> None:
         """Make the delta durable and readable, or raise ``PublishError``."""
+        ...
+
+    def write_history(self, seen: Interactions) -> None:
+        """Add positives to their users' histories at once (before any learning on them),
+        or raise ``PublishError``. Idempotent: an (item, time) written twice is kept once,
+        so a replayed step adds nothing."""
+        ...
+
+    def histories(self, user_ids: list[str], max_len: int) -> list[History]:
+        """Each user's last ``max_len`` positives by time (raises ``PublishError``)."""
         ...
 
     def rebased(self, version: str, offsets: dict[int, int]) -> None:

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from common.infra.atomic import npz_bytes, write_bytes_atomic, write_text_atomic
-from publisher.base import Delta, PublishError
+from publisher.base import Delta, History, Interactions, PublishError
+
+_HISTORY_CAP = 500  # positives kept per user, as RECSTREAM_REDIS_SEEN_MAX does in Redis
 
 
 @dataclass
@@ -42,6 +44,7 @@ class FilePublisher:
         self.root = root
         self._lock = threading.Lock()
         self._seq: dict[str, int] = {}
+        self._seen: dict[str, dict[str, int]] | None = None  # user -> item -> last time
 
     def _dir(self, version: str) -> Path:
         return self.root / version / "deltas"
@@ -59,6 +62,7 @@ class FilePublisher:
             user_vectors=delta.user_vectors.astype(np.float32),
             item_ids=np.asarray(delta.item_ids, dtype=str),
             item_vectors=delta.item_vectors.astype(np.float32),
+            **_seen_arrays(delta.seen),
             meta=np.asarray(json.dumps({
                 "offsets": {str(p): o for p, o in delta.offsets.items()},
                 "max_event_ts_ms": delta.max_event_ts_ms, "step": delta.step})))
@@ -68,6 +72,48 @@ class FilePublisher:
                 write_bytes_atomic(path, data)
             except OSError as exc:
                 raise PublishError(f"cannot write delta {path}: {exc}") from exc
+            if delta.seen is not None:
+                self._add_seen(delta.seen)
+
+    # -- histories: the seen sets' semantics (item -> last time), kept in memory -------------
+
+    def write_history(self, seen: Interactions) -> None:
+        """In memory only: what a delta carries is durable with it, and a restart replays
+        the rest (the histories are rebuilt from the deltas on first use)."""
+        with self._lock:
+            self._add_seen(seen)
+
+    def histories(self, user_ids: list[str], max_len: int) -> list[History]:
+        with self._lock:
+            seen = self._loaded()
+            out = []
+            for user in user_ids:
+                pairs = sorted((t, i) for i, t in seen.get(str(user), {}).items())[-max_len:]
+                out.append(([i for _, i in pairs], [t for t, _ in pairs]))
+            return out
+
+    def _loaded(self) -> dict[str, dict[str, int]]:
+        if self._seen is None:
+            self._seen = {}
+            for path in sorted(self.root.glob("*/deltas/*.npz")):
+                with np.load(path, allow_pickle=False) as z:
+                    if "seen_users" in z.files:
+                        self._merge(z["seen_users"].tolist(), z["seen_items"].tolist(),
+                                    z["seen_ts"].tolist())
+        return self._seen
+
+    def _add_seen(self, seen: Interactions) -> None:
+        self._loaded()
+        self._merge(seen.user_ids, seen.item_ids, seen.ts_ms)
+
+    def _merge(self, users: list[str], items: list[str], ts: list[int]) -> None:
+        assert self._seen is not None
+        for user, item, t in zip(users, items, ts, strict=True):
+            mine = self._seen.setdefault(str(user), {})
+            mine[str(item)] = max(int(t), mine.get(str(item), int(t)))
+            if len(mine) > 2 * _HISTORY_CAP:  # trimmed in bulk, as Redis does
+                keep = sorted(mine.items(), key=lambda kv: (kv[1], kv[0]))[-_HISTORY_CAP:]
+                self._seen[str(user)] = dict(keep)
 
     def rebased(self, version: str, offsets: dict[int, int]) -> None:
         write_text_atomic(self.root / version / "rebased.json",
@@ -97,3 +143,11 @@ class FilePublisher:
                 state.offsets[int(p)] = max(o, state.offsets.get(int(p), 0))
             state.deltas += 1
         return state
+
+
+def _seen_arrays(seen: Interactions | None) -> dict[str, np.ndarray]:
+    if seen is None:
+        return {}
+    return {"seen_users": np.asarray(seen.user_ids, dtype=str),
+            "seen_items": np.asarray(seen.item_ids, dtype=str),
+            "seen_ts": np.asarray(seen.ts_ms, dtype=np.int64)}

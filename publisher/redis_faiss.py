@@ -29,7 +29,7 @@ from common.infra.redis_client import connect
 from common.infra.settings import Settings
 from common.model.bundle import Features, ModelBundle
 from common.model.vectors import item_vectors, servable_items
-from publisher.base import Delta, Interactions, PublishError
+from publisher.base import Delta, History, Interactions, PublishError
 from publisher.index_store import IndexStore
 from publisher.item_index import ItemIndex
 from publisher.redis_users import COMPLETE, UserStore
@@ -122,6 +122,14 @@ class RedisFaissPublisher:
             seq = self._append_items(delta.version, delta.item_ids, delta.item_vectors)
         self.users.announce({"type": "delta", "version": delta.version, "seq": seq,
                              "users": len(delta.user_ids), "items": len(delta.item_ids)})
+
+    def write_history(self, seen: Interactions) -> None:
+        """The positives into the users' seen sets (ZADD GT: idempotent), which the recall
+        API reads as their histories."""
+        self.users.add_seen(seen.user_ids, seen.item_ids, seen.ts_ms)
+
+    def histories(self, user_ids: list[str], max_len: int) -> list[History]:
+        return self.users.histories(user_ids, max_len)
 
     def _append_items(self, version: str, names: list[str], vectors: np.ndarray) -> int:
         with self._lock:

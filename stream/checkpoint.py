@@ -41,6 +41,7 @@ from stream.time_index import TimeIndex
 
 log = logging.getLogger(__name__)
 _FILES = ("tables.pt", "user_vocab.npz", "item_vocab.npz", "freq.npz")
+_REPLAY = "replay.npz"  # only when the replay buffer holds examples
 
 
 class CheckpointError(RuntimeError):
@@ -70,10 +71,13 @@ class Snapshot:
     item_vocab: IdVocab
     freq: dict[str, np.ndarray]
     item_counts: np.ndarray
+    replay: dict[str, np.ndarray] = field(default_factory=dict)  # the learner's replay buffer
 
 
-def snapshot(bundle: ModelBundle, meta: CheckpointMeta) -> Snapshot:
-    """Copy what a checkpoint of ``bundle`` holds (memory copies: milliseconds)."""
+def snapshot(bundle: ModelBundle, meta: CheckpointMeta,
+             replay: dict[str, np.ndarray] | None = None) -> Snapshot:
+    """Copy what a checkpoint of ``bundle`` (and of the learner's replay buffer, whose
+    examples later steps mix in) holds (memory copies: milliseconds)."""
     ids = {"user": bundle.model.user.ids, "item": bundle.model.item.ids}
     meta = replace(meta, offsets=dict(meta.offsets),
                    time_index=TimeIndex.from_dict(meta.time_index.to_dict()))
@@ -82,7 +86,8 @@ def snapshot(bundle: ModelBundle, meta: CheckpointMeta) -> Snapshot:
                      for n in ("weight", "accum")},
                     bundle.user_vocab.copy(), bundle.item_vocab.copy(),
                     {k: np.array(v, copy=True) for k, v in bundle.freq.state_dict().items()},
-                    np.array(bundle.item_counts, copy=True))
+                    np.array(bundle.item_counts, copy=True),
+                    {k: np.array(v, copy=True) for k, v in (replay or {}).items()})
 
 
 def save_checkpoint(root: Path, bundle: ModelBundle, meta: CheckpointMeta, keep: int) -> Path:
@@ -108,11 +113,15 @@ def write_checkpoint(root: Path, snap: Snapshot, keep: int) -> Path:
         snap.item_vocab.save(staging / "item_vocab.npz")
         write_bytes_atomic(staging / "freq.npz", npz_bytes(item_counts=snap.item_counts,
                                                             **snap.freq))
+        files = list(_FILES)
+        if snap.replay:
+            write_bytes_atomic(staging / _REPLAY, npz_bytes(**snap.replay))
+            files.append(_REPLAY)
         state = {"base_version": meta.base_version, "step": meta.step,
                  "offsets": {str(p): o for p, o in meta.offsets.items()},
                  "time_index": meta.time_index.to_dict(),
                  "events_applied": meta.events_applied, "created_at": time.time(),
-                 "files": {f: sha256_file(staging / f) for f in _FILES}}
+                 "files": {f: sha256_file(staging / f) for f in files}}
         write_text_atomic(staging / "state.json", json.dumps(state))
         replaced = None
         if final.exists():  # the same step saved again (first sight of a partition, rebase)
@@ -203,7 +212,11 @@ def _read(d: Path) -> tuple[CheckpointMeta, dict[str, Any]]:
         "item_vocab": IdVocab.load(d / "item_vocab.npz"),
         "freq": FrequencyEstimator.from_state(freq_state),
         "item_counts": freq_state["item_counts"].astype(np.float64),
+        "replay": {},
     }
+    if _REPLAY in state["files"]:
+        with np.load(d / _REPLAY, allow_pickle=False) as z:
+            payload["replay"] = {k: z[k] for k in z.files}
     meta = CheckpointMeta(state["base_version"], int(state["step"]),
                           {int(p): int(o) for p, o in state["offsets"].items()},
                           TimeIndex.from_dict(state["time_index"]),

@@ -81,7 +81,7 @@ class TrainerConsumer:
         self.publishing = Publishing(publisher, self.metrics, self.stop, self.keepalive)
         self.max_steps: int | None = None
         self._clients: Clients | None = None
-        self.rebaser = Rebaser(registry, publisher, dataset, train, kafka, bootstrap,
+        self.rebaser = Rebaser(registry, publisher, self._learner, kafka, bootstrap,
                                stream.max_batch_events, self.metrics)
         self._next_rebase_check = self._next_lag_update = self._next_keepalive = 0.0
 
@@ -111,6 +111,7 @@ class TrainerConsumer:
             clients.close()
             raise
         self._clients = clients
+        self.metrics.version.info({"version": state.learner.version})
         self.consumer, self.intake, self.feed = clients.consumer, clients.intake, clients.feed
         self.steps = Steps(state, self.stream, self.publishing, clients.intake,
                             functools.partial(commit, clients.consumer, self.kafka.topic),
@@ -130,8 +131,8 @@ class TrainerConsumer:
             self._clients.close()
 
     def _learner(self, bundle: Any, version: str) -> StreamLearner:
-        self.metrics.version.info({"version": version})
-        return StreamLearner(bundle, self.dataset, self.train, version)
+        return StreamLearner(bundle, self.dataset, self.train, version, self.stream,
+                             self.publisher)
 
     # -- what a started trainer has ----------------------------------------------------
 

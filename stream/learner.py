@@ -8,7 +8,9 @@ No Kafka or files here: the consumer feeds events in and publishes what comes ou
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -16,13 +18,15 @@ import torch
 from common.data.dataset import Dataset
 from common.data.events import Events
 from common.infra.settings import Settings
-from common.infra.settings_groups import TrainSettings
+from common.infra.settings_groups import StreamSettings, TrainSettings
 from common.model.bundle import BatchIds, Features, ModelBundle, encode_examples
+from common.model.replay import ReplayBuffer
 from common.model.training import Trainer, TrainingDivergedError, stream_step_settings
 from common.model.vectors import item_vectors, servable_items
 from common.model.vocab import COLD_ROW
-from publisher.base import Delta, Interactions
+from publisher.base import Delta, History, Interactions, PublishError
 
+log = logging.getLogger(__name__)
 _NO_ROWS = np.zeros(0, np.int64)
 
 
@@ -49,40 +53,73 @@ class LearnOutput:
                      self.seen)
 
 
+class HistorySource(Protocol):
+    """Where the users' histories live (the publisher: Redis seen sets, or files)."""
+
+    def write_history(self, seen: Interactions) -> None: ...
+
+    def histories(self, user_ids: list[str], max_len: int) -> list[History]: ...
+
+
 class StreamLearner:
-    """A model version being nudged by the stream."""
+    """A model version being nudged by the stream.
+
+    Small steps stay sane: each chunk of new examples is topped up to ``min_batch`` with
+    recent positives from a replay buffer (and the trainer adds catalogue negatives), so
+    a window with three events of one user is not an in-batch softmax over three items.
+    On a model with a history field, each example gets its user's positives strictly
+    before it: those in the step, and before them the stored history (``histories``).
+    """
 
     def __init__(self, bundle: ModelBundle, dataset: Dataset, ts: TrainSettings,
-                 version: str) -> None:
+                 version: str, stream: StreamSettings | None = None,
+                 histories: HistorySource | None = None) -> None:
         self.bundle, self.ts, self.version = bundle, ts, version
+        st = stream or StreamSettings()
+        self.min_batch, self.histories = st.min_batch, histories
         self.features = Features.build(bundle, dataset.users, dataset.items)
         self.trainer = Trainer(bundle, self.features, ts, mode="embedding")
+        self.replay = ReplayBuffer(st.replay_size, ts.seed)
         bundle.model.eval()
 
     def step(self, events: Events, step_no: int) -> LearnOutput:
         """Embedding-only updates on the events' positives, in event-time order.
 
-        ``step_no`` seeds the initialisation of rows that new ids grow into, so a step
-        replayed after a crash produces exactly what the lost one did.
+        ``step_no`` seeds the initialisation of rows that new ids grow into, the negatives
+        and the replayed examples, so a step replayed after a crash (from a checkpoint,
+        which holds the replay buffer) produces exactly what the lost one did.
         """
-        torch.manual_seed(self.ts.seed * 1_000_003 + step_no)
+        seed = self.ts.seed * 1_000_003 + step_no
+        torch.manual_seed(seed)
+        self.trainer.reseed(seed)
+        self.replay.reseed(seed)
         positives = events.sorted_by_time().positives(self.ts.rating_threshold)
-        if len(positives) < 2:  # an in-batch softmax over one candidate teaches nothing
+        if len(positives) + len(self.replay) < 2:  # a softmax over one candidate: nothing
             return self._output(len(events), 0, float("nan"), _NO_ROWS, _NO_ROWS, False)
+        self._remember(positives)
         ids = BatchIds.of(positives)
+        was_cold = self.bundle.item_vocab.lookup(ids.items.values) == COLD_ROW
         self.bundle.observe(positives, ids)
-        examples = encode_examples(self.bundle, self.features, positives, ids)
-        users, items, losses = [_NO_ROWS], [_NO_ROWS], []
+        # Items that grew a row of their own now: their vector changed even if the step
+        # leaves item rows alone (RECSTREAM_STREAM_ITEM_LR_SCALE=0), so it is published.
+        grown = self.bundle.item_vocab.lookup(ids.items.values)[was_cold]
+        examples = encode_examples(self.bundle, self.features, positives, ids,
+                                   context=self._context(positives))
+        users, items, losses = [_NO_ROWS], [grown], []
         diverged, applied = False, 0
         for idx in _chunks(len(examples), self.ts.batch_size):
-            try:
-                result = self.trainer.step(examples.take(idx))
-            except TrainingDivergedError:
-                diverged = True  # this chunk changed nothing; the earlier ones did
-                break
-            users.append(result.user_rows)
-            items.append(result.item_rows)
-            losses.append(result.loss)
+            chunk = examples.take(idx)
+            batch = self.replay.top_up(chunk, self.min_batch)
+            if len(batch) >= 2:
+                try:
+                    result = self.trainer.step(batch)
+                except TrainingDivergedError:
+                    diverged = True  # this chunk changed nothing; the earlier ones did
+                    break
+                users.append(result.user_rows)
+                items.append(result.item_rows)
+                losses.append(result.loss)
+            self.replay.add(chunk)
             applied += len(idx)
         out = self._output(len(events), applied, float(np.mean(losses)) if losses
                            else float("nan"), np.unique(np.concatenate(users)),
@@ -92,6 +129,39 @@ class StreamLearner:
                             _strings(positives.item_id[:applied]),
                             positives.ts_ms[:applied].tolist())
         return replace(out, seen=seen)
+
+    def _remember(self, positives: Events) -> None:
+        """The positives into their users' histories before any learning, so the next
+        answer of the recall API reads them (it runs the user tower on the history)."""
+        if self.histories is None or len(positives) == 0:
+            return
+        try:
+            self.histories.write_history(Interactions(
+                _strings(positives.user_id), _strings(positives.item_id),
+                positives.ts_ms.tolist()))
+        except PublishError as exc:  # the step's delta carries them again, with retries
+            log.warning("history write failed; the delta will carry it",
+                        extra={"error": str(exc)})
+
+    def _context(self, positives: Events) -> Events | None:
+        """The stored histories of the step's users (``training_histories`` keeps what is
+        older than every example: the step's own events, already stored, drop out)."""
+        n = self.bundle.model.cfg.history_len
+        if n == 0 or self.histories is None or len(positives) == 0:
+            return None
+        users, counts = np.unique(positives.user_id.astype(str), return_counts=True)
+        try:
+            # More than n: the step's own positives may be among the latest stored.
+            found = self.histories.histories(users.tolist(), n + int(counts.max()))
+        except PublishError as exc:
+            log.warning("histories unreadable; learning from the step's events alone",
+                        extra={"error": str(exc)})
+            return None
+        u = [user for user, (items, _) in zip(users, found, strict=True) for _ in items]
+        i = [item for items, _ in found for item in items]
+        t = [ts for _, stamps in found for ts in stamps]
+        return Events.from_columns(event_id=[""] * len(u), user_id=u, item_id=i, ts_ms=t,
+                                   event_type=["click"] * len(u))
 
     def _cold_items(self, item_ids: np.ndarray) -> list[str]:
         """The batch's items still on the shared cold row that have side features: their

@@ -17,10 +17,10 @@ from typing import Any, Protocol
 
 from kafka import TopicPartition
 
-from common.data.dataset import Dataset
 from common.data.wire import WireEvent, decode_event, to_events
 from common.infra.kafka_clients import make_consumer
-from common.infra.settings_groups import KafkaSettings, TrainSettings
+from common.infra.settings_groups import KafkaSettings
+from common.model.bundle import ModelBundle
 from common.model.registry import CorruptVersionError, Registry, RegistryError
 from common.model.training import TrainingDivergedError
 from publisher.base import Delta, Publisher, PublishError
@@ -81,11 +81,11 @@ class Rebaser:
     """Moves the trainer onto the version it should train when there is one: a newer
     published nightly, or the champion after a rollback."""
 
-    def __init__(self, registry: Registry, publisher: Publisher, dataset: Dataset,
-                 train: TrainSettings, kafka: KafkaSettings, bootstrap: str,
-                 batch_events: int, metrics: TrainerMetrics) -> None:
-        self.registry, self.publisher, self.dataset, self.train = registry, publisher, \
-            dataset, train  # train: the stream's (stream_train_settings)
+    def __init__(self, registry: Registry, publisher: Publisher,
+                 learner_for: Callable[[ModelBundle, str], StreamLearner],
+                 kafka: KafkaSettings, bootstrap: str, batch_events: int,
+                 metrics: TrainerMetrics) -> None:
+        self.registry, self.publisher, self.learner_for = registry, publisher, learner_for
         self.kafka, self.bootstrap, self.batch_events = kafka, bootstrap, batch_events
         self.metrics = metrics
         self._skip: set[str] = set()  # versions a rebase failed on
@@ -116,7 +116,7 @@ class Rebaser:
         """
         trainer.settle()
         bundle, meta = self.registry.load(version)
-        learner = StreamLearner(bundle, self.dataset, self.train, version)
+        learner = self.learner_for(bundle, version)
         replayed = replay_since(trainer, learner, int(meta["cutoff_ms"]), self.kafka,
                                 self.bootstrap, self.batch_events)
         trainer.switch(learner)

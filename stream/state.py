@@ -46,5 +46,7 @@ def restore(ckpt_dir: Path, registry: Registry,
     metrics.last_checkpoint.set(ckpt.created_at)
     log.info("restored checkpoint", extra={"step": ckpt.step, "version": ckpt.base_version,
                                            "offsets": ckpt.offsets})
-    return State(learner_for(bundle, ckpt.base_version), ckpt.step, ckpt.events_applied,
-                 dict(ckpt.offsets), ckpt.time_index)
+    learner = learner_for(bundle, ckpt.base_version)
+    learner.replay.restore(payload["replay"])
+    return State(learner, ckpt.step, ckpt.events_applied, dict(ckpt.offsets),
+                 ckpt.time_index)

@@ -157,7 +157,7 @@ class Steps:
             self.writer.written(block=True)  # two copies of the tables at most, not three
             self.writer.submit(snapshot(state.learner.bundle, CheckpointMeta(
                 state.learner.version, state.step_no, dict(state.offsets), state.time_index,
-                state.events_applied)))
+                state.events_applied), state.learner.replay.state()))
             self.last_checkpoint_step = state.step_no
         if wait:
             self.writer.written(block=True)

@@ -21,6 +21,8 @@ import numpy as np
 from common.model.bundle import Examples
 from common.model.history import HistoryBatch
 
+_FIELDS = ("user_rows", "user_feat", "item_rows", "item_feat", "item_keys", "ts_ms")
+
 
 class ReplayBuffer:
     """The last ``capacity`` positive examples (encoded, with their histories)."""
@@ -41,6 +43,32 @@ class ReplayBuffer:
         both = new if self.examples is None else concat_examples([self.examples, new])
         self.examples = both.take(np.arange(max(0, len(both) - self.capacity), len(both)))
 
+    def reseed(self, seed: int) -> None:
+        """Draw from ``seed`` on (the stream reseeds per step, for replays after a crash)."""
+        self.rng = np.random.default_rng(seed % 2**63)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The buffer as arrays (a checkpoint's), empty when it is."""
+        ex = self.examples
+        if ex is None:
+            return {}
+        out = {f: getattr(ex, f) for f in _FIELDS}
+        if ex.history is not None:
+            out |= {f"history_{f}": getattr(ex.history, f) for f in ("rows", "age_h", "mask")}
+        return out
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Back to a ``state()``; ignored by a buffer of capacity 0."""
+        if not state or self.capacity == 0:
+            self.examples = None
+            return
+        history = None
+        if "history_rows" in state:
+            history = HistoryBatch(state["history_rows"], state["history_age_h"],
+                                   state["history_mask"])
+        ex = Examples(**{f: state[f] for f in _FIELDS}, history=history)
+        self.examples = ex.take(np.arange(max(0, len(ex) - self.capacity), len(ex)))
+
     def top_up(self, new: Examples, min_batch: int) -> Examples:
         """``new`` plus enough replayed examples (drawn without replacement) to make
         ``min_batch``, or as many as the buffer holds."""
@@ -58,8 +86,7 @@ def concat_examples(parts: list[Examples]) -> Examples:
     if all(h is not None for h in hists):
         history = HistoryBatch(*(np.concatenate([getattr(h, f) for h in hists])
                                  for f in ("rows", "age_h", "mask")))
-    cat = {f: np.concatenate([getattr(p, f) for p in parts])
-           for f in ("user_rows", "user_feat", "item_rows", "item_feat", "item_keys", "ts_ms")}
+    cat = {f: np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS}
     return Examples(**cat, history=history)
 
 

@@ -180,15 +180,26 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(model.parameters(), ts.max_grad_norm, foreach=True)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+        # Item rows at rate 0 (the stream's default) are left alone, accumulators too: the
+        # step then changes user rows only, and says so (no item rows in its result).
         updates = (u_grad.update(ts.lr_embedding),
-                   i_grad.update(ts.lr_embedding * ts.item_lr_scale))
+                   i_grad.update(ts.lr_embedding * ts.item_lr_scale)
+                   if ts.item_lr_scale > 0 else None)
         if not all(u is None or bool(torch.isfinite(u[1]).all()) for u in updates):
             # A finite loss can still step a row to inf/NaN: nothing of it is written.
             raise TrainingDivergedError("an ID-row update is not finite (learning rate "
                                         "too large?); no row was changed")
         u_grad.write(updates[0])
         i_grad.write(updates[1])
-        return StepResult(value, u_grad.rows.numpy(), i_grad.rows.numpy())
+        item_rows = i_grad.rows.numpy() if updates[1] is not None else np.zeros(0, np.int64)
+        return StepResult(value, u_grad.rows.numpy(), item_rows)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the negative sampling from ``seed`` and the current counts: a step then
+        draws the same negatives whatever ran before it (a step replayed after a crash
+        repeats the lost one exactly)."""
+        self.generator.manual_seed(seed)
+        self._sampler = None
 
 
 def stream_step_settings(ts: TrainSettings, st: StreamSettings) -> TrainSettings:
