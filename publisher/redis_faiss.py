@@ -28,7 +28,7 @@ from tqdm import tqdm
 from common.infra.redis_client import connect
 from common.infra.settings import Settings
 from common.model.bundle import Features, ModelBundle
-from common.model.vectors import item_vectors, servable_items
+from common.model.vectors import servable_items, served_item_vectors
 from publisher.base import Delta, History, Interactions, PublishError
 from publisher.index_store import IndexStore
 from publisher.item_index import ItemIndex
@@ -80,7 +80,8 @@ class RedisFaissPublisher:
         t0 = time.perf_counter()
         items = servable_items(bundle, features,
                                sorted(set(map(str, catalog)) | set(bundle.item_vocab.ids)))
-        self.indexes.write_full(version, items, item_vectors(bundle, features, items).numpy())
+        self.indexes.write_full(version, items,
+                                served_item_vectors(bundle, features, items, cutoff_ms))
         t1 = time.perf_counter()
         user_ids = bundle.user_vocab.ids
         weight = bundle.model.user.ids.weight.numpy()

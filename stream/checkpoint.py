@@ -36,6 +36,7 @@ from common.infra.atomic import (
 )
 from common.model.bundle import ModelBundle
 from common.model.freq import FrequencyEstimator
+from common.model.prior import item_popularity
 from common.model.vocab import IdVocab, VocabError
 from stream.time_index import TimeIndex
 
@@ -71,6 +72,7 @@ class Snapshot:
     item_vocab: IdVocab
     freq: dict[str, np.ndarray]
     item_counts: np.ndarray
+    item_pop: np.ndarray
     replay: dict[str, np.ndarray] = field(default_factory=dict)  # the learner's replay buffer
 
 
@@ -87,6 +89,7 @@ def snapshot(bundle: ModelBundle, meta: CheckpointMeta,
                     bundle.user_vocab.copy(), bundle.item_vocab.copy(),
                     {k: np.array(v, copy=True) for k, v in bundle.freq.state_dict().items()},
                     np.array(bundle.item_counts, copy=True),
+                    np.array(bundle.item_pop, copy=True),
                     {k: np.array(v, copy=True) for k, v in (replay or {}).items()})
 
 
@@ -112,6 +115,7 @@ def write_checkpoint(root: Path, snap: Snapshot, keep: int) -> Path:
         snap.user_vocab.save(staging / "user_vocab.npz")
         snap.item_vocab.save(staging / "item_vocab.npz")
         write_bytes_atomic(staging / "freq.npz", npz_bytes(item_counts=snap.item_counts,
+                                                            item_pop=snap.item_pop,
                                                             **snap.freq))
         files = list(_FILES)
         if snap.replay:
@@ -212,6 +216,7 @@ def _read(d: Path) -> tuple[CheckpointMeta, dict[str, Any]]:
         "item_vocab": IdVocab.load(d / "item_vocab.npz"),
         "freq": FrequencyEstimator.from_state(freq_state),
         "item_counts": freq_state["item_counts"].astype(np.float64),
+        "item_pop": item_popularity(freq_state),
         "replay": {},
     }
     if _REPLAY in state["files"]:
@@ -232,3 +237,4 @@ def restore_into(bundle: ModelBundle, payload: dict[str, Any]) -> None:
         tower.ids.accum = tables[f"{side}.accum"].clone()
     bundle.user_vocab, bundle.item_vocab = payload["user_vocab"], payload["item_vocab"]
     bundle.freq, bundle.item_counts = payload["freq"], payload["item_counts"]
+    bundle.item_pop = payload["item_pop"]

@@ -22,7 +22,7 @@ from common.infra.settings_groups import StreamSettings, TrainSettings
 from common.model.bundle import BatchIds, Features, ModelBundle, encode_examples
 from common.model.replay import ReplayBuffer
 from common.model.training import Trainer, TrainingDivergedError, stream_step_settings
-from common.model.vectors import item_vectors, servable_items
+from common.model.vectors import servable_items, served_item_vectors
 from common.model.vocab import COLD_ROW
 from publisher.base import Delta, History, Interactions, PublishError
 
@@ -40,7 +40,7 @@ class LearnOutput:
     user_ids: list[str]
     user_vectors: np.ndarray  # raw ID embeddings, float32
     item_ids: list[str]
-    item_vectors: np.ndarray  # item tower outputs, float32
+    item_vectors: np.ndarray  # what the index holds (served_item_vectors), float32
     diverged: bool = False  # a chunk's loss was NaN/inf or too large: the rest was skipped
     user_features: np.ndarray | None = None  # int32 packed feature rows of user_ids
     seen: Interactions | None = None  # the positives learned from
@@ -102,7 +102,10 @@ class StreamLearner:
         self.bundle.observe(positives, ids)
         # Items that grew a row of their own now: their vector changed even if the step
         # leaves item rows alone (RECSTREAM_STREAM_ITEM_LR_SCALE=0), so it is published.
-        grown = self.bundle.item_vocab.lookup(ids.items.values)[was_cold]
+        rows = self.bundle.item_vocab.lookup(ids.items.values)
+        grown = rows[was_cold]
+        if self.bundle.model.cfg.prior_beta > 0:
+            grown = rows  # their popularity moved: all of them are published
         examples = encode_examples(self.bundle, self.features, positives, ids,
                                    context=self._context(positives))
         users, items, losses = [_NO_ROWS], [grown], []
@@ -124,7 +127,8 @@ class StreamLearner:
         out = self._output(len(events), applied, float(np.mean(losses)) if losses
                            else float("nan"), np.unique(np.concatenate(users)),
                            np.unique(np.concatenate(items)), diverged,
-                           self._cold_items(positives.item_id[:applied]))
+                           self._cold_items(positives.item_id[:applied]),
+                           int(events.ts_ms.max()))
         seen = Interactions(_strings(positives.user_id[:applied]),
                             _strings(positives.item_id[:applied]),
                             positives.ts_ms[:applied].tolist())
@@ -173,14 +177,16 @@ class StreamLearner:
 
     def _output(self, n_events: int, n_examples: int, loss: float, user_rows: np.ndarray,
                 item_rows: np.ndarray, diverged: bool,
-                cold_items: list[str] | None = None) -> LearnOutput:
+                cold_items: list[str] | None = None, now_ms: int = 0) -> LearnOutput:
         # The shared cold row is not anyone's embedding: it is not published per id.
         user_rows, item_rows = user_rows[user_rows != COLD_ROW], item_rows[item_rows != COLD_ROW]
         user_ids = self.bundle.user_vocab.ids_of(user_rows)
         item_ids = self.bundle.item_vocab.ids_of(item_rows) + (cold_items or [])
         weight = self.bundle.model.user.ids.weight
         user_vecs = weight.index_select(0, torch.from_numpy(user_rows)).numpy()
-        item_vecs = item_vectors(self.bundle, self.features, item_ids).numpy()
+        # The prior (if the model has one) as of the step's newest event: event time, so
+        # a replayed step publishes what the first run did.
+        item_vecs = served_item_vectors(self.bundle, self.features, item_ids, now_ms)
         return LearnOutput(n_events, n_examples, loss, user_ids, user_vecs, item_ids,
                            item_vecs, diverged, self.features.users.packed(user_ids))
 

@@ -13,10 +13,12 @@ from common.data.dataset import Dataset
 from common.data.events import Events
 from common.model.bundle import Features, ModelBundle, encode_examples
 from common.model.history import UserHistories
+from common.model.prior import popularity_prior
 from common.model.registry import Registry
 from common.model.replay import ReplayBuffer
 from common.model.training import Trainer
 from common.model.vectors import item_vectors, user_histories, user_vectors
+from common.model.vocab import COLD_ROW
 
 
 class TwoTowerScorer:
@@ -41,13 +43,21 @@ class TwoTowerScorer:
         if seen is not None:
             self.observe(seen)
         self._items = item_vectors(bundle, features, self.catalog)
+        self._rows = bundle.item_vocab.lookup(self.catalog)
 
     def score(self, user_ids: Sequence[str]) -> np.ndarray:
         """Cosine of each user with every catalogue item, ``[n_users, n_catalog]``."""
         users = list(user_ids)
         history = user_histories(self.bundle, self.histories, users, self.now_ms)
         vecs = user_vectors(self.bundle, self.features, users, history)
-        return (vecs @ self._items.T).numpy()
+        scores = (vecs @ self._items.T).numpy()
+        cfg = self.bundle.model.cfg
+        if cfg.prior_beta > 0:  # as the served index scores: cosine + beta * prior
+            prior = popularity_prior(self.bundle.item_pop[self._rows], self.now_ms,
+                                     cfg.prior_half_life_days)
+            prior[self._rows == COLD_ROW] = 0.0
+            scores += np.float32(cfg.prior_beta) * prior.astype(np.float32)
+        return scores
 
     def observe(self, events: Events) -> None:
         """Append the events' positives to the users' histories (no learning)."""
@@ -59,6 +69,7 @@ class TwoTowerScorer:
     def refresh_items(self) -> None:
         """Re-embed the catalogue after the item side changed (e.g. a nightly)."""
         self._items = item_vectors(self.bundle, self.features, self.catalog)
+        self._rows = self.bundle.item_vocab.lookup(self.catalog)
 
     def learn(self, events: Events) -> None:
         """Embedding-only steps on the events' positives, in event-time order (each

@@ -270,6 +270,11 @@ class ModelSettings(_Group):
     history_input: Literal["ids", "vectors"] = Field(
         "ids", description="pool item-ID rows into an MLP field, or pool item vectors and "
         "add them to the user vector")
+    prior_beta: float = Field(
+        0.0, ge=0, description="weight of the decayed-popularity prior folded into the "
+        "served vectors (one more dimension; 0 = none)")
+    prior_half_life_days: float = Field(
+        30.0, gt=0, description="half-life of the prior's item counts, in days")
 
 
 class TrainSettings(_Group):

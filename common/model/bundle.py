@@ -5,7 +5,7 @@ Also turns events into encoded training examples for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from common.infra.settings_groups import ModelSettings
 from common.model.features import EncodedFeatures, FeatureEncoder
 from common.model.freq import FrequencyEstimator, stable_hash
 from common.model.history import HistoryBatch, example_histories
+from common.model.prior import empty_popularity, observe_popularity
 from common.model.towers import TwoTower, TwoTowerConfig
 from common.model.vocab import Distinct, IdVocab
 
@@ -31,6 +32,8 @@ class ModelBundle:
     item_encoder: FeatureEncoder
     freq: FrequencyEstimator
     item_counts: np.ndarray  # positives seen per item row; drives negative sampling
+    # log2 of the decayed positives per item row (``common.model.prior``)
+    item_pop: np.ndarray = field(default_factory=lambda: empty_popularity(1))
 
     @classmethod
     def create(cls, ms: ModelSettings, users: FeatureTable, items: FeatureTable,
@@ -45,7 +48,8 @@ class ModelBundle:
             senet=ms.senet, temperature=ms.temperature, user_cat=user_cat,
             user_multi=user_multi, item_cat=item_cat, item_multi=item_multi,
             history_len=ms.history_len, history_pooling=ms.history_pooling,
-            history_half_life_h=ms.history_half_life_h, history_input=ms.history_input)
+            history_half_life_h=ms.history_half_life_h, history_input=ms.history_input,
+            prior_beta=ms.prior_beta, prior_half_life_days=ms.prior_half_life_days)
         torch.manual_seed(seed)
         return cls(TwoTower(cfg), IdVocab(ms.min_count), IdVocab(ms.min_count), user_enc,
                    item_enc, FrequencyEstimator(ms.freq_hash_size, ms.freq_num_hashes,
@@ -61,8 +65,13 @@ class ModelBundle:
             grown = np.zeros(len(self.item_vocab))
             grown[: len(self.item_counts)] = self.item_counts
             self.item_counts = grown
-        np.add.at(self.item_counts, self.item_vocab.lookup(ids.items.values),
-                  ids.items.counts.astype(np.float64))
+        if len(self.item_pop) < len(self.item_vocab):
+            self.item_pop = np.r_[self.item_pop,
+                                  empty_popularity(len(self.item_vocab) - len(self.item_pop))]
+        rows = self.item_vocab.lookup(ids.items.values)
+        np.add.at(self.item_counts, rows, ids.items.counts.astype(np.float64))
+        observe_popularity(self.item_pop, ids.items.spread(rows), positives.ts_ms,
+                           self.model.cfg.prior_half_life_days)
 
 
 @dataclass(frozen=True)

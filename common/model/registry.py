@@ -39,6 +39,7 @@ from common.infra.atomic import (
 from common.model.bundle import ModelBundle
 from common.model.features import FeatureEncoder
 from common.model.freq import FrequencyEstimator
+from common.model.prior import item_popularity
 from common.model.towers import TwoTower, TwoTowerConfig
 from common.model.vocab import IdVocab, VocabError
 
@@ -113,6 +114,7 @@ class Registry:
         write_text_atomic(d / "encoders.json", json.dumps(
             {"user": b.user_encoder.to_dict(), "item": b.item_encoder.to_dict()}))
         write_bytes_atomic(d / "freq.npz", npz_bytes(item_counts=b.item_counts,
+                                                      item_pop=b.item_pop,
                                                       **b.freq.state_dict()))
 
     def versions(self) -> list[str]:
@@ -175,7 +177,8 @@ class Registry:
             bundle = ModelBundle(
                 model, IdVocab.load(d / "user_vocab.npz"), IdVocab.load(d / "item_vocab.npz"),
                 FeatureEncoder.from_dict(enc["user"]), FeatureEncoder.from_dict(enc["item"]),
-                FrequencyEstimator.from_state(state), state["item_counts"].astype(np.float64))
+                FrequencyEstimator.from_state(state), state["item_counts"].astype(np.float64),
+                item_popularity(state))
         except pickle.UnpicklingError:
             # torch's message suggests weights_only=False: exactly what must never happen.
             raise CorruptVersionError(

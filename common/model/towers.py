@@ -52,6 +52,10 @@ class TwoTowerConfig:
     # "ids": pooled item-ID rows enter the MLP as one more field; "vectors": pooled item
     # tower outputs are added to the user vector (a learned-weight item-to-item term).
     history_input: str = "ids"
+    # Weight of the decayed-popularity prior in served scores (0 = none: the item vectors
+    # have output_dim dimensions), and its counts' half-life (``common.model.prior``).
+    prior_beta: float = 0.0
+    prior_half_life_days: float = 30.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

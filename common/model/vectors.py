@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from common.model.bundle import Features, ModelBundle
 from common.model.history import HistoryBatch, UserHistories
-from common.model.towers import Tower
+from common.model.prior import popularity_prior
+from common.model.towers import Tower, TwoTowerConfig
 from common.model.vocab import COLD_ROW
 
 _CHUNK = 65_536
@@ -69,6 +71,30 @@ def item_vectors(bundle: ModelBundle, features: Features, item_ids: Sequence[str
     rows = torch.from_numpy(bundle.item_vocab.lookup(item_ids))
     feat = torch.from_numpy(features.items.rows(item_ids))
     return _encode(bundle.model.item, rows, feat, features.items.gather)
+
+
+def served_item_vectors(bundle: ModelBundle, features: Features, item_ids: Sequence[str],
+                        now_ms: int) -> np.ndarray:
+    """What the item index holds: unit item vectors, and on a model with a popularity
+    prior (``prior_beta`` > 0) one more column, the prior at ``now_ms``
+    (``common.model.prior``; items on the shared cold row count nothing)."""
+    vecs = item_vectors(bundle, features, item_ids).numpy()
+    cfg = bundle.model.cfg
+    if cfg.prior_beta <= 0:
+        return vecs
+    rows = bundle.item_vocab.lookup(item_ids)
+    prior = popularity_prior(bundle.item_pop[rows], now_ms, cfg.prior_half_life_days)
+    prior[rows == COLD_ROW] = 0.0
+    return np.hstack([vecs, prior[:, None].astype(np.float32)])
+
+
+def served_queries(cfg: TwoTowerConfig, user_vecs: np.ndarray) -> np.ndarray:
+    """The index's queries for unit user vectors: with a prior, ``beta`` appended, so the
+    inner product is cosine + beta * prior."""
+    if cfg.prior_beta <= 0:
+        return user_vecs
+    beta = np.full((len(user_vecs), 1), cfg.prior_beta, dtype=np.float32)
+    return np.hstack([np.asarray(user_vecs, dtype=np.float32), beta])
 
 
 def _encode(tower: Tower, rows: torch.Tensor, feat: torch.Tensor,
