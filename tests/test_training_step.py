@@ -107,3 +107,30 @@ def test_frequency_state_round_trips() -> None:
     assert again.step == est.step
     keys = np.array([1, 2, 3, 4], dtype=np.uint64)
     assert np.array_equal(again.probability(keys), est.probability(keys))
+
+
+@pytest.mark.parametrize("history_input", ["vectors", "ids"])
+def test_frozen_items_learn_user_rows_as_the_general_step_does(history_input: str) -> None:
+    """With item rows at rate 0 the step runs the item side without autograd, history items
+    from a table of item vectors: the user rows it learns are those of the general path."""
+    ds = make_dataset()
+    env = {"RECSTREAM_MODEL_HISTORY_LEN": "6", "RECSTREAM_MODEL_HISTORY_INPUT": history_input,
+           "RECSTREAM_MODEL_HISTORY_POOLING": "attention",
+           "RECSTREAM_TRAIN_RANDOM_NEGATIVES": "16", "RECSTREAM_TRAIN_ITEM_LR_SCALE": "0"}
+    rows = []
+    for frozen in (True, False):
+        settings = small_settings(**env)
+        bundle = make_bundle(ds, settings)
+        features = Features.build(bundle, ds.users, ds.items)
+        examples = encode_examples(bundle, features, ds.events.positives(4.0))
+        assert examples.history is not None and examples.history.mask.any()
+        trainer = Trainer(bundle, features, settings.train, mode="embedding")
+        trainer._items_frozen = lambda frozen=frozen: frozen  # type: ignore[method-assign]
+        items_before = bundle.model.item.ids.weight.clone()
+        for lo in range(0, 96, 32):
+            result = trainer.step(examples.take(np.arange(lo, lo + 32)))
+            assert len(result.item_rows) == 0
+        assert torch.equal(items_before, bundle.model.item.ids.weight)
+        rows.append(bundle.model.user.ids.weight.clone())
+    assert not torch.equal(rows[0], make_bundle(ds, small_settings(**env)).model.user.ids.weight)
+    torch.testing.assert_close(rows[0], rows[1], atol=1e-6, rtol=1e-5)

@@ -42,7 +42,7 @@ class _Forward(NamedTuple):
     n_neg: int
     neg_logp: torch.Tensor | None
     u_grad: RowGrad
-    i_grad: RowGrad
+    i_grad: RowGrad | None  # None when the item side does not learn
 
 
 class NegativeSampler:
@@ -81,6 +81,7 @@ class Trainer:
         self._sampler: NegativeSampler | None = None
         self._sampler_age = 0
         self._item_feat: tuple[int, torch.Tensor] | None = None
+        self._frozen_items: torch.Tensor | None = None  # see _item_table
 
     def _negatives(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` sampled item rows and the log of their sampling probability."""
@@ -121,8 +122,61 @@ class Trainer:
         cat, multi = self.features.items.gather(self._item_feature_rows()[uniq])
         return self.bundle.model.item(emb, cat, multi)[inverse]
 
+    def _items_frozen(self) -> bool:
+        """Embedding-only steps with item rows at rate 0 (the stream's default): nothing on
+        the item side learns, so it runs without autograd, histories from a table."""
+        return self.mode == "embedding" and self.ts.item_lr_scale == 0
+
+    @torch.no_grad()
+    def _item_table(self) -> torch.Tensor:
+        """Item tower outputs of every item row (row 0: the cold row, no features), for
+        frozen items: computed once, extended as rows grow (their rows never change)."""
+        n = self.bundle.model.item.ids.num_rows
+        done = 0 if self._frozen_items is None else len(self._frozen_items)
+        if done < n:
+            rows = torch.arange(done, n)
+            feat = self._item_feature_rows()
+            feat = torch.cat([feat, feat.new_zeros(max(0, n - len(feat)))])[rows]
+            feat[rows == COLD_ROW] = 0
+            parts = [self.bundle.model.item.encode(rows[lo:lo + 65_536],
+                                                   *self.features.items.gather(
+                                                       feat[lo:lo + 65_536]))
+                     for lo in range(0, len(rows), 65_536)]
+            grown = torch.cat(parts)
+            self._frozen_items = grown if self._frozen_items is None else \
+                torch.cat([self._frozen_items, grown])
+        assert self._frozen_items is not None
+        return self._frozen_items
+
+    def _forward_frozen_items(self, ex: Examples) -> _Forward:
+        """``_forward`` for frozen items: only the user rows carry a gradient."""
+        model, ts = self.bundle.model, self.ts
+        b = len(ex)
+        item_rows = torch.from_numpy(ex.item_rows)
+        item_feat = torch.from_numpy(ex.item_feat)
+        neg_logp = None
+        if ts.random_negatives:
+            neg_rows, neg_logp = self._negatives(ts.random_negatives)
+            item_rows = torch.cat([item_rows, neg_rows])
+            item_feat = torch.cat([item_feat, self._item_feature_rows()[neg_rows]])
+        hist = None
+        with torch.no_grad():
+            v = model.item.encode(item_rows, *self.features.items.gather(item_feat))
+            if ex.history is not None and model.user.history is not None:
+                hist_rows, age_h, mask = ex.history.tensors()
+                pooled_in = self._item_table()[hist_rows] if model.user.history_vectors \
+                    else model.item.ids.weight[hist_rows]
+                hist = (pooled_in, age_h, mask)
+        u_emb, u_grad = model.user.ids.gather(self._user_rows(ex), trainable=True)
+        u_cat, u_multi = self.features.users.gather(torch.from_numpy(ex.user_feat))
+        assert u_grad is not None
+        return _Forward(model.user(u_emb, u_cat, u_multi, hist), v,
+                        len(item_rows) - b, neg_logp, u_grad, None)
+
     def _forward(self, ex: Examples) -> _Forward:
         """Both towers on a batch: targets first, then the sampled negatives."""
+        if self._items_frozen() and self.ts.loss == "inbatch":
+            return self._forward_frozen_items(ex)
         model, ts = self.bundle.model, self.ts
         b = len(ex)
         item_rows = torch.from_numpy(ex.item_rows)
@@ -184,14 +238,16 @@ class Trainer:
         # step then changes user rows only, and says so (no item rows in its result).
         updates = (u_grad.update(ts.lr_embedding),
                    i_grad.update(ts.lr_embedding * ts.item_lr_scale)
-                   if ts.item_lr_scale > 0 else None)
+                   if ts.item_lr_scale > 0 and i_grad is not None else None)
         if not all(u is None or bool(torch.isfinite(u[1]).all()) for u in updates):
             # A finite loss can still step a row to inf/NaN: nothing of it is written.
             raise TrainingDivergedError("an ID-row update is not finite (learning rate "
                                         "too large?); no row was changed")
         u_grad.write(updates[0])
-        i_grad.write(updates[1])
-        item_rows = i_grad.rows.numpy() if updates[1] is not None else np.zeros(0, np.int64)
+        if i_grad is not None:
+            i_grad.write(updates[1])
+        item_rows = i_grad.rows.numpy() if i_grad is not None and updates[1] is not None \
+            else np.zeros(0, np.int64)
         return StepResult(value, u_grad.rows.numpy(), item_rows)
 
     def reseed(self, seed: int) -> None:
