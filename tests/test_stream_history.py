@@ -14,10 +14,14 @@ from pathlib import Path
 import numpy as np
 from factories import make_bundle, make_dataset, make_events, small_settings
 
+from batch.trainer import bootstrap
 from common.data.dataset import Dataset
 from common.data.events import Events
+from common.data.synthetic import SyntheticConfig, generate
+from common.infra.settings import load_settings
 from common.model.bundle import training_histories
-from common.model.history import example_histories
+from common.model.history import HistoryBatch, example_histories
+from common.model.vectors import item_vectors, user_vectors
 from publisher.base import Interactions
 from publisher.files import FilePublisher
 from stream.learner import StreamLearner, stream_train_settings
@@ -124,3 +128,66 @@ def test_small_steps_are_topped_up_from_the_replay_buffer(tmp_path: Path) -> Non
     assert out.n_examples == 1 and np.isfinite(out.loss)
     assert "u5" in out.user_ids and len(out.user_ids) > 1  # replayed users moved too
     assert len(learner.replay) == 11
+
+
+def test_a_burst_of_one_new_users_clicks_moves_that_user_and_not_the_others(
+        tmp_path: Path) -> None:
+    """Issue 14: one user's events must not move other users' answers more than their own.
+    A new user clicks eight items of one cluster: their top-10 turns to that cluster (from
+    the history, before any row of theirs exists), while other users' top-10 stay."""
+    world = generate(SyntheticConfig(n_users=400, n_items=300, n_clusters=6, n_days=4,
+                                     events_per_day=3000, seed=5))
+    settings = load_settings({**HISTORY, "RECSTREAM_MODEL_HISTORY_LEN": "20",
+                              "RECSTREAM_TRAIN_USER_ID_DROPOUT": "0.3",
+                              "RECSTREAM_TRAIN_BOOTSTRAP_EPOCHS": "2",
+                              "RECSTREAM_MODEL_EMBEDDING_DIM": "16",
+                              "RECSTREAM_MODEL_OUTPUT_DIM": "16",
+                              "RECSTREAM_MODEL_HIDDEN_DIMS": "32"})
+    ds, split = world.dataset, int(world.day_start_ms[3])
+    bundle, _ = bootstrap(settings.model, settings.train, ds, ds.events.between(None, split))
+    source = FilePublisher(tmp_path)
+    past = ds.events.between(None, split).positives(settings.train.rating_threshold)
+    source.write_history(Interactions(list(past.user_id), list(past.item_id),
+                                      past.ts_ms.tolist()))
+    learner = StreamLearner(bundle, ds, stream_train_settings(settings), "v1",
+                            settings.stream, source)
+    day3 = ds.events.between(split)
+    learner.step(day3.take(np.arange(600)), 1)  # the replay buffer fills, rows move
+    catalog = [str(i) for i in ds.catalog()]
+    column = {item: c for c, item in enumerate(catalog)}
+    items = item_vectors(learner.bundle, learner.features, catalog).numpy()
+    now = int(day3.ts_ms[600]) + 60_000
+
+    def top10(user: str) -> set[str]:
+        items_seen, stamps = source.histories([user], 20)[0]
+        hist = HistoryBatch.empty(1, 20)
+        if items_seen:
+            k = len(items_seen)
+            hist.rows[0, -k:] = learner.bundle.item_vocab.lookup(items_seen)
+            hist.age_h[0, -k:] = (now - np.asarray(stamps)) / 3_600_000
+            hist.mask[0, -k:] = True
+        vec = user_vectors(learner.bundle, learner.features, [user], hist).numpy()
+        scores = (vec @ items.T)[0]
+        scores[[column[i] for i in items_seen]] = -np.inf
+        return {catalog[i] for i in np.argsort(-scores)[:10]}
+
+    active = day3.user_id[:600].astype(str)
+    others = [u for u in dict.fromkeys(active.tolist())][:20]
+    before = {u: top10(u) for u in [*others, "newbie"]}
+    # The cluster the new user's generic (cold) answer shows least of.
+    shown = np.bincount([world.item_cluster[int(i[1:])] for i in before["newbie"]],
+                        minlength=6)
+    cluster = int(np.argmin(shown))
+    clicked = [f"i{k}" for k in np.flatnonzero(world.item_cluster == cluster)[:8]]
+    burst = make_events([("newbie", i) for i in clicked], start_ms=now - 8000, step_ms=1000)
+    learner.step(burst, 2)
+    after = {u: top10(u) for u in [*others, "newbie"]}
+
+    in_cluster = sum(world.item_cluster[int(i[1:])] == cluster for i in after["newbie"])
+    assert len(after["newbie"] & before["newbie"]) <= 3 and in_cluster >= 7, \
+        (before["newbie"], after["newbie"], shown, in_cluster)
+    overlap = [len(after[u] & before[u]) / 10 for u in others]
+    print(f"\nnew user: {in_cluster}/10 of the clicked cluster after the burst, "
+          f"{len(after['newbie'] & before['newbie'])} of 10 kept; others' overlap: "
+          f"min {min(overlap):.1f}, mean {np.mean(overlap):.2f}")
+    assert min(overlap) >= 0.8, overlap
