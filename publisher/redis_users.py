@@ -7,7 +7,9 @@ Layout (prefix ``rs``)::
     rs:{release}:withdrawn      set   versions rolled back from (the stream avoids them)
     rs:uemb:{V:b}               hash  user id -> float32 ID embedding bytes
     rs:ufeat:{V:b}              hash  user id -> int32 packed feature row bytes
-    rs:seen:{user}              zset  item id -> last event time (ms), capped
+    rs:seen:{user}              zset  item id -> last event time (ms), capped: the
+                                      user's positives, so its last N by time are the
+                                      user tower's history input
     rs:rebased:V                string JSON offsets: the stream caught up on V
     rs:events                   pub/sub channel: release changes and deltas
 
@@ -117,6 +119,10 @@ class Release:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+# One user's recent positives: item ids oldest first and their event times (ms).
+Recent = tuple[list[str], list[int]]
 
 
 @dataclass(frozen=True)
@@ -232,12 +238,32 @@ class UserStore:
         ``meta`` is given)."""
         return self._read(meta or self._require(version), user_ids, None)[0]
 
-    def read_with_seen(self, meta: VersionMeta, user_id: str) -> tuple[UserRows, list[str]]:
-        """One user's row and seen items, in one round trip (the recall API's read)."""
-        return self._read(meta, [user_id], user_id)
+    def read_with_seen(self, meta: VersionMeta, user_id: str, times: bool = True
+                       ) -> tuple[UserRows, Recent]:
+        """One user's row and seen items, in one round trip (the recall API's read).
 
-    def _read(self, meta: VersionMeta, user_ids: Sequence[str],
-              seen_of: str | None) -> tuple[UserRows, list[str]]:
+        The seen items come oldest first with their event times (``times``; without it,
+        as a model with no history field needs, the times list is empty and Redis sends
+        none), so the last N are the user's history: no second command for it."""
+        return self._read(meta, [user_id], user_id, times)
+
+    def histories(self, user_ids: Sequence[str], max_len: int) -> list[Recent]:
+        """Each user's last ``max_len`` positives by time (item ids oldest first, and
+        their times in ms): one pipelined ZRANGE ... WITHSCORES per user, one round trip
+        for the batch."""
+        if max_len < 0:
+            raise ValueError(f"max_len must be at least 0, got {max_len}")
+        if max_len == 0 or not len(user_ids):  # ZRANGE -0 -1 would be the whole set
+            return [([], []) for _ in user_ids]
+
+        def commands(p: Any) -> None:
+            for u in user_ids:
+                p.zrange(self.keys.seen(u), -max_len, -1, withscores=True)
+
+        return [_recent(reply) for reply in self._pipe_call(commands)]
+
+    def _read(self, meta: VersionMeta, user_ids: Sequence[str], seen_of: str | None,
+              times: bool = False) -> tuple[UserRows, Recent]:
         version = meta.version
         buckets = buckets_of(user_ids, meta.buckets).tolist()
 
@@ -246,10 +272,12 @@ class UserStore:
                 p.hget(self.keys.emb(version, b), u)
                 p.hget(self.keys.feat(version, b), u)
             if seen_of is not None:
-                p.zrange(self.keys.seen(seen_of), 0, -1)
+                p.zrange(self.keys.seen(seen_of), 0, -1, withscores=times)
 
         replies = self._pipe_call(commands)
-        seen = [m.decode() for m in replies[-1]] if seen_of is not None else []
+        seen: Recent = ([], [])
+        if seen_of is not None:
+            seen = _recent(replies[-1]) if times else ([m.decode() for m in replies[-1]], [])
         n = len(user_ids)
         found = np.zeros(n, bool)
         vectors = np.zeros((n, meta.dim), np.float32)
@@ -365,3 +393,8 @@ class UserStore:
                 return p.execute()
         except redis.RedisError as exc:
             raise PublishError(f"redis: {exc}") from exc
+
+
+def _recent(reply: list[tuple[bytes, float]]) -> Recent:
+    """A ZRANGE ... WITHSCORES reply (ascending by time) as (item ids, times in ms)."""
+    return [m.decode() for m, _ in reply], [int(t) for _, t in reply]

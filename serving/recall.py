@@ -1,11 +1,14 @@
 """The recall service: user id → top-K item ids from the released version.
 
 ``recall`` reads the user's ID embedding and packed features from the served
-version's Redis namespace, runs the user tower, searches that version's index,
-drops items the user has seen, and falls back to popular items (saying why) for a
-user it cannot embed or when Redis does not answer. ``refresh`` follows the release
-pointer (loading a new version beside the old one and swapping the reference, so
-requests in flight finish on the old one) and applies index deltas.
+version's Redis namespace and the user's seen items (their positives, with event
+times) in one round trip, runs the user tower (on a history model, over the last N
+of those positives, aged against ``clock``), searches that version's index, drops
+items the user has seen, and falls back to popular items (saying why) for a user it
+cannot embed (no row and no usable history) or when Redis does not answer.
+``refresh`` follows the release pointer (loading a new version beside the old one
+and swapping the reference, so requests in flight finish on the old one) and applies
+index deltas.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,13 +49,22 @@ class Recall:
                 "items": [{"item_id": i, "score": round(s, 6)} for i, s in self.items]}
 
 
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class RecallService:
-    """Answers recall requests from the currently released version."""
+    """Answers recall requests from the currently released version.
+
+    ``clock`` (ms) is what history ages are measured against: wall time when serving,
+    event time in a replay (the attention pooling reads log1p(age in hours)).
+    """
 
     def __init__(self, serving: ServingSettings, users: UserStore, indexes: IndexStore,
-                 registry: Registry, metrics: ServingMetrics | None = None) -> None:
+                 registry: Registry, metrics: ServingMetrics | None = None,
+                 clock: Callable[[], int] = wall_clock_ms) -> None:
         self.serving, self.users, self.indexes = serving, users, indexes
-        self.registry = registry
+        self.registry, self.clock = registry, clock
         self.metrics = metrics or ServingMetrics()
         self.current: ServedVersion | None = None
         self._refresh_lock = threading.Lock()
@@ -62,16 +75,17 @@ class RecallService:
         served = self.current  # one reference for the whole request: no mixed versions
         if served is None:
             raise NotReadyError("no model version is released yet")
+        history = served.history_len > 0
         try:
-            rows, seen_list = self.users.read_with_seen(served.redis_meta, user_id)
-            seen = set(seen_list)
+            rows, recent = self.users.read_with_seen(served.redis_meta, user_id, history)
+            seen = set(recent[0])
         except PublishError as exc:
             log.warning("user store unavailable; answering with popular items",
                         extra={"error": str(exc)})
             return self._popular(served, user_id, k, set(), "user store unavailable")
-        if not rows.found[0]:
+        which, query = served.queries(rows, [recent] if history else None, self.clock())
+        if not len(which):
             return self._popular(served, user_id, k, seen, "unknown user")
-        query = served.user_vectors(rows.vectors, rows.features)
         hits = served.index.search(query, k + len(seen))[0]
         items = [(i, s) for i, s in hits if i not in seen][:k]
         return Recall(user_id, served.version, items)

@@ -3,6 +3,7 @@ champion, the exact answer the recall API must give."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +45,13 @@ def released_champion(settings: Settings, dataset: Dataset, end_ms: int) -> str:
     return version
 
 
-def service_for(settings: Settings) -> RecallService:
+def service_for(settings: Settings, clock: Callable[[], int] | None = None) -> RecallService:
     pub = RedisFaissPublisher.from_settings(settings)
+    if clock is None:
+        return RecallService(settings.serving, pub.users, pub.indexes,
+                             Registry(settings.models_dir))
     return RecallService(settings.serving, pub.users, pub.indexes,
-                         Registry(settings.models_dir))
+                         Registry(settings.models_dir), clock=clock)
 
 
 def exact_answer(settings: Settings, dataset: Dataset, version: str, user_id: str, k: int,

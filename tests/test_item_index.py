@@ -108,6 +108,20 @@ def test_apply_replaces_moved_items_and_adds_new_ones(settings: IndexSettings) -
     assert [row.count(name) for row, name in zip(results, moved[:20], strict=False)] == [1] * 20
 
 
+@pytest.mark.parametrize("settings", [IndexSettings(), EXHAUSTIVE_IVF], ids=["flat", "ivf"])
+def test_vectors_read_back_by_name_with_deltas_and_absent_items(
+        settings: IndexSettings) -> None:
+    names, x = names_of(2000), unit_vectors(2000)
+    index = DoubleBufferedIndex(ItemIndex.build("v1", names, x, settings))
+    moved = unit_vectors(2, seed=5)
+    index.update([names[7], "new"], moved)
+    index.update([names[7], "new"], moved)  # a repeated delta changes nothing
+    found, got = index.vectors([names[3], "absent", names[7], "new", names[3]])
+    assert found.tolist() == [True, False, True, True, True]
+    assert np.array_equal(got, np.stack([x[3], np.zeros(DIM), moved[0], moved[1], x[3]]))
+    assert index.vectors([])[0].shape == (0,)
+
+
 def test_repeated_name_in_one_delta_keeps_the_last_vector() -> None:
     index = ItemIndex.build("v1", ["a", "b"], np.eye(2, dtype=np.float32), IndexSettings())
     index.apply(["a", "a"], np.array([[0.0, 1.0], [1.0, 0.0]], np.float32))

@@ -137,6 +137,34 @@ def test_seen_contents_exactly(redis_url: str, prefix: str) -> None:
         "uc": [("k1", _T12 + 1), ("k2", _T12 + 2), ("k3", _T12 + 3), ("k4", _T12 + 4)]}
 
 
+def test_histories_are_each_users_last_positives_by_time_in_one_round_trip(
+        store: UserStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Oldest first, the last ``max_len`` by event time (not by arrival), a re-seen item
+    at its latest time, 13-digit times exact; one pipeline for the whole batch."""
+    _add_seen(store, [("ua", "i3", _T13 + 30), ("ua", "i1", _T13 + 10), ("ua", "i4", _T13 + 40),
+                      ("ua", "i2", _T13 + 20), ("ub", "j1", 7), ("ua", "i1", _T13 + 50)])
+    pipelines = []
+    real = store._pipe_call
+    monkeypatch.setattr(store, "_pipe_call", lambda c: pipelines.append(c) or real(c))
+    assert store.histories(["ua", "nobody", "ub"], 3) == [
+        (["i3", "i4", "i1"], [_T13 + 30, _T13 + 40, _T13 + 50]), ([], []), (["j1"], [7])]
+    assert len(pipelines) == 1
+    assert store.histories(["ua"], 10)[0][0] == ["i2", "i3", "i4", "i1"]
+    assert store.histories(["ua"], 0) == [([], [])] and store.histories([], 5) == []
+
+
+def test_the_recall_read_returns_the_seen_items_with_their_times(store: UserStore) -> None:
+    ids, vecs, feats = _users(3)
+    meta = store.begin("v000001", 3, 4, 3, 0)
+    store.write("v000001", ids, vecs, feats)
+    _add_seen(store, [("u1", "b", _T13 + 2), ("u1", "a", _T13 + 1)])
+    rows, recent = store.read_with_seen(meta, "u1")
+    assert rows.found.tolist() == [True] and np.array_equal(rows.vectors[0], vecs[1])
+    assert recent == (["a", "b"], [_T13 + 1, _T13 + 2])
+    assert store.read_with_seen(meta, "u1", times=False)[1] == (["a", "b"], [])
+    assert store.read_with_seen(meta, "stranger")[1] == ([], [])
+
+
 def test_seen_commands_and_their_pipeline_chunks(redis_url: str, prefix: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """One ZADD GT per user in order of first appearance, its trim right after it, and a
