@@ -20,6 +20,7 @@ from common.model.features import FeatureEncoder
 from common.model.history import HOUR_MS
 from common.model.registry import Registry
 from common.model.towers import History, TwoTower
+from common.model.vectors import served_queries
 from common.model.vocab import COLD_ROW, IdVocab
 from publisher.index_store import IndexStore
 from publisher.item_index import DoubleBufferedIndex
@@ -103,6 +104,7 @@ class ServedVersion:
             emb = self.model.item.ids.weight[torch.from_numpy(rows)]
         elif names:
             held, vectors = self.index.vectors(names)
+            vectors = vectors[:, :self.model.cfg.output_dim]  # without the prior's column
             at = (np.asarray(users, np.int64)[held], np.asarray(slots, np.int64)[held])
             table = np.zeros((b, n, vectors.shape[1]), np.float32)
             table[at] = vectors[held]
@@ -112,6 +114,11 @@ class ServedVersion:
             emb = torch.zeros(b, n, self.model.cfg.output_dim)
         age = torch.from_numpy(age_h).masked_fill(torch.from_numpy(~mask), 0.0)
         return emb, age, torch.from_numpy(mask)
+
+    def search(self, user_vecs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """The index's top ``k`` for unit user vectors (with the popularity prior's
+        ``beta`` appended on a model that has one: cosine + beta * prior)."""
+        return self.index.search(served_queries(self.model.cfg, user_vecs), k)
 
     @torch.no_grad()
     def user_vectors(self, id_emb: np.ndarray, features: np.ndarray,

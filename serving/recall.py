@@ -86,7 +86,7 @@ class RecallService:
         which, query = served.queries(rows, [recent] if history else None, self.clock())
         if not len(which):
             return self._popular(served, user_id, k, seen, "unknown user")
-        hits = served.index.search(query, k + len(seen))[0]
+        hits = served.search(query, k + len(seen))[0]
         items = [(i, s) for i, s in hits if i not in seen][:k]
         return Recall(user_id, served.version, items)
 

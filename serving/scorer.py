@@ -51,7 +51,7 @@ class ServedScorer:
         which, queries = served.queries(rows, recent, now)
         out = np.full((len(users), len(self.catalog)), -np.inf, dtype=np.float32)
         if len(which):
-            for r, hits in zip(which, served.index.search(queries, len(served.index)),
+            for r, hits in zip(which, served.search(queries, len(served.index)),
                                strict=True):
                 cols = [self._column.get(name, -1) for name, _ in hits]
                 scores = np.fromiter((s for _, s in hits), np.float32, len(hits))

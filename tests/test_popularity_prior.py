@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from factories import make_bundle, make_dataset, make_events, small_settings
+from publishing import publish_settings, released_champion, service_for
 
+from common.data.synthetic import SyntheticConfig, generate
 from common.model.bundle import Features
 from common.model.prior import popularity_prior
 from common.model.registry import Registry
-from common.model.vectors import item_vectors, served_item_vectors, served_queries
+from common.model.vectors import item_vectors, served_item_vectors, served_queries, user_vectors
 from publisher.files import FilePublisher
+from serving.recall import wait_until_serving
 from stream.checkpoint import CheckpointMeta, load_checkpoint, restore_into, save_checkpoint
 from stream.learner import StreamLearner, stream_train_settings
 
@@ -87,3 +90,28 @@ def test_a_stream_step_moves_the_prior_of_its_items(tmp_path: Path) -> None:
     after = out.item_vectors[out.item_ids.index("i3"), -1]
     # ten more positives, at the step's newest event time
     assert after == pytest.approx(np.log1p(np.expm1(before) + 10), abs=1e-4)
+
+
+def test_the_recall_api_ranks_by_cosine_plus_the_prior(tmp_path: Path, redis_server) -> None:
+    """Served end to end (real Redis, FAISS): the answer's scores are cosine + beta times
+    the prior as of the version's cutoff, and the order differs from the cosine's."""
+    world = generate(SyntheticConfig(n_users=200, n_items=150, n_days=3, events_per_day=1500,
+                                     seed=4)).dataset
+    settings = publish_settings(tmp_path, redis_server.url, "prior",
+                                RECSTREAM_MODEL_PRIOR_BETA="0.3", **{
+                                    k: v for k, v in PRIOR.items() if "BETA" not in k})
+    end = int(world.events.ts_ms.max()) + 1
+    version = released_champion(settings, world, end)
+    service = service_for(settings)
+    wait_until_serving(service, version)
+    bundle, _ = Registry(settings.models_dir).load(version)
+    features = Features.build(bundle, world.users, world.items)
+    user = str(world.events.user_id[-1])
+    got = service.recall(user, 20)
+    assert got.fallback is None
+    names = [i for i, _ in got.items]
+    cosine = user_vectors(bundle, features, [user]).numpy() @ \
+        item_vectors(bundle, features, names).numpy().T
+    prior = popularity_prior(bundle.item_pop[bundle.item_vocab.lookup(names)], end, 2.0)
+    np.testing.assert_allclose([s for _, s in got.items], cosine[0] + 0.3 * prior, atol=1e-4)
+    assert not np.all(np.diff(cosine[0]) <= 1e-6)  # the prior reordered the cosine's list
