@@ -293,3 +293,36 @@ def test_served_scorer_scores_as_the_recall_api_with_histories(served: Served) -
         # (a decayed mean is blind to a shift of every age by the same amount).
         scorer.now_ms = served.now_ms + 400 * HOUR_MS
         assert not np.allclose(scorer.score(["newcomer-f"])[0], scores[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("trained", ["vectors-attention"], indirect=True)
+def test_histories_are_shared_by_versions_through_release_rollback_and_replay(
+        served: Served) -> None:
+    """How histories stay consistent: they are event facts (the seen sets), not model
+    state, so every version reads the same ones. Positives that arrive while a new version
+    serves are still in the user's history after a rollback to the old one, and the old
+    version embeds them exactly as offline evaluation would; the rebase's replay of those
+    events writes them again and changes nothing (ZADD GT: same members, same times)."""
+    control = control_for(served.settings)
+    registry = Registry(served.settings.models_dir)
+    bundle, meta = registry.load(served.version)
+    newer = registry.register(bundle, kind="nightly", cutoff_ms=int(meta["cutoff_ms"]) + 1,
+                              parent=served.version, metrics={}, config_hash="same")
+    control.publish(newer, served.dataset)
+    control.promote(newer, force=True)
+    wait_until_serving(served.service, newer)
+    user = _warm_users(served, 1)[0]
+    items = [i for i in served.bundle().item_vocab.ids if i not in
+             served.service.users.seen(user)][:3]
+    served.add_positives(user, items, [0.3, 0.2, 0.1])  # while the newer version serves
+    stored = served.service.users.histories([user], 500)[0]
+
+    control.rollback(to=served.version)
+    wait_until_serving(served.service, served.version)
+    assert served.current.version == served.version
+    assert not set(items) & set(_names(served.recall(user, 50)))  # still seen
+    assert np.allclose(served.query(user), served.offline_query(user), atol=1e-5)
+    assert set(items) <= set(served.service.users.histories([user], HISTORY_LEN)[0][0])
+
+    served.add_positives(user, items, [0.3, 0.2, 0.1])  # the rebase replays them
+    assert served.service.users.histories([user], 500)[0] == stored
