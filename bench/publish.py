@@ -81,6 +81,7 @@ from common.infra.settings import Settings, load_settings
 from common.model.bundle import Features, ModelBundle
 from common.model.features import FeatureEncoder
 from common.model.registry import Registry
+from publisher.base import Interactions
 from publisher.control import ReleaseControl
 from publisher.index_store import IndexStore
 from publisher.item_index import build_index, faiss_ids
@@ -103,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=64, help="embedding and tower output width")
     p.add_argument("--concurrency", type=int, default=4, help="API client connections")
     p.add_argument("--duration", type=float, default=20.0, help="API load seconds")
+    p.add_argument("--history-len", type=int, default=50,
+                   help="positives per API user in the seen sets, which the user tower reads "
+                   "(attention over item vectors from the index); 0: an ID-only model")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = harness.parse(p, argv)
     if args.quick:
@@ -113,9 +117,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -- set-up -------------------------------------------------------------------------------
 
 
-def make_settings(base: Settings, home: Path, url: str, prefix: str, dim: int) -> Settings:
+def make_settings(base: Settings, home: Path, url: str, prefix: str, dim: int,
+                  history_len: int) -> Settings:
     return base.model_copy(update={"home": home}).with_overrides(
-        model={"embedding_dim": dim, "output_dim": dim, "min_count": 1},
+        model={"embedding_dim": dim, "output_dim": dim, "min_count": 1,
+               "history_len": history_len, "history_input": "vectors",
+               "history_pooling": "attention"},
         redis={"url": url, "prefix": prefix}, serving={"host": "127.0.0.1", "port": 0})
 
 
@@ -217,6 +224,21 @@ def api_bundle(s: Settings, n_users: int, items: list[str],
     return bundle
 
 
+def api_histories(n_users: int, items: list[str], n: int,
+                  rng: np.random.Generator) -> Interactions | None:
+    """``n`` distinct positives per user (the k-th Zipf-like within the k-th of ``n``
+    blocks of the catalogue; times in the last hours of wall time: the recall API measures
+    ages against its clock), written as the seen sets the tower reads."""
+    if n == 0:
+        return None
+    block = len(items) // n
+    picks = (rng.zipf(1.2, size=(n_users, n)) - 1) % block + np.arange(n) * block
+    now = int(time.time() * 1000)
+    ts = now - rng.integers(0, 6 * 3_600_000, size=n_users * n)
+    return Interactions([f"u{i}" for i in range(n_users) for _ in range(n)],
+                        [items[j] for j in picks.ravel().tolist()], ts.tolist())
+
+
 def api_phase(s: Settings, client: RedisClient, args: argparse.Namespace,
               rng: np.random.Generator) -> dict[str, Any]:
     """Register, publish and promote a version, serve it, and load it from a second process."""
@@ -231,8 +253,9 @@ def api_phase(s: Settings, client: RedisClient, args: argparse.Namespace,
     publisher = RedisFaissPublisher(UserStore(client, s.redis),
                                     IndexStore(s.indexes_dir, s.index), s.redis.retention_versions)
     start = time.perf_counter()
+    history = api_histories(args.api_users, items, args.history_len, rng)
     report = publisher.publish_full(version, bundle, Features.build(bundle, empty, empty),
-                                    items, 0, progress=True)
+                                    items, 0, history, progress=True)
     publish_s = time.perf_counter() - start
     meta = publisher.users.meta(version)
     if meta is None or meta.users != args.api_users:
@@ -254,7 +277,8 @@ def api_phase(s: Settings, client: RedisClient, args: argparse.Namespace,
     latency = service.metrics.registry
     server_n = latency.get_sample_value("recstream_serving_request_seconds_count") or 0
     server_sum = latency.get_sample_value("recstream_serving_request_seconds_sum") or 0
-    return {**figures, "api_version": version, "api_bundle_register_s": round(register_s, 2),
+    return {**figures, "api_version": version, "api_history_len": args.history_len,
+            "api_bundle_register_s": round(register_s, 2),
             "api_publish_full_s": round(publish_s, 2),
             "api_publish_index_s": round(report.index_s, 2),
             "api_publish_redis_s": round(report.redis_s, 2),
@@ -275,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(args.seed)
     with harness.temp_home() as home, harness.servers(base, home, kafka=False) as found:
-        s = make_settings(base, home, found.redis_url, prefix, args.dim)
+        s = make_settings(base, home, found.redis_url, prefix, args.dim, args.history_len)
         client = connect(s, found.redis_url)
         try:
             server = client.info("server")
