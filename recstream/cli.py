@@ -144,12 +144,14 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
     """``demo``, and the loop's parts one at a time: ``replay``, ``stream``, ``land``,
     ``broker``."""
     dm = sub.add_parser("demo", help="the whole loop on embedded servers: bootstrap, then "
-                        "the last days through Kafka, the stream and the nightly; report in "
-                        "RECSTREAM_HOME/report")
+                        "the test window's first days through Kafka in lockstep one-minute "
+                        "windows, the stream and the nightly, scored from the served state; "
+                        "report in RECSTREAM_HOME/report")
     dm.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "synthetic"],
                     help="data set (default: ml-100k, fetched into the cache)")
-    dm.add_argument("--days", type=_positive_int, default=30,
-                    help="simulated days at the end of the data (default: 30)")
+    dm.add_argument("--days", type=_positive_int, default=None,
+                    help="replay this many of the test window's first days (default: as "
+                    "many as fit about 5 minutes of replay, at least 3)")
 
     rp = sub.add_parser("replay", help="produce a data set's events into the topic in time "
                         "order")

@@ -23,6 +23,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from batch.freshness import VALIDATION_DAYS, plot_curve
 from common.data.events import DAY_MS, format_day
 from common.evaluation.prequential import PrequentialResult
 from common.infra.atomic import write_text_atomic
@@ -97,13 +98,18 @@ def per_day_rows(results: dict[str, dict[int, PrequentialResult]],
 
 
 def write_report(out_dir: Path, summary: dict[str, Any], days: list[dict[str, Any]],
-                 arms: list[str], ks: tuple[int, ...], freshness: Histogram) -> Path:
-    """Write demo.json, demo.md, recall_per_day.png and freshness.png; returns demo.md."""
+                 arms: list[str], ks: tuple[int, ...], freshness: Histogram,
+                 curve: dict[str, Any] | None = None) -> Path:
+    """Write demo.json, demo.md, recall_per_day.png, freshness.png and, with the offline
+    ``curve``, recall_vs_delay.png; returns demo.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "demo.json", json.dumps({**summary, "per_day": days},
                                                         indent=2))
     _plot_recall(out_dir / "recall_per_day.png", days, arms, ks)
     _plot_freshness(out_dir / "freshness.png", freshness)
+    if curve is not None:  # its title names the data set: say which days of it
+        plot_curve({**curve, "dataset": f"{summary['dataset']} {summary['first_day']} to "
+                    f"{summary['last_day']}"}, out_dir / "recall_vs_delay.png")
     md = out_dir / "demo.md"
     write_text_atomic(md, markdown(summary, days, arms, ks))
     return md
@@ -113,7 +119,8 @@ def markdown(summary: dict[str, Any], days: list[dict[str, Any]], arms: list[str
              ks: tuple[int, ...]) -> str:
     """The summary, the per-arm table, the per-day table and the plots."""
     cols = [f"recall@{k}" for k in ks]
-    lines = [f"# recstream demo: {summary['dataset']}, {summary['days']} simulated days",
+    lines = [f"# recstream demo: {summary['dataset']}, {summary['days']} replayed days "
+             f"({summary['first_day']} to {summary['last_day']})",
              "", summary["setup"], "",
              "| arm | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for arm in arms:
@@ -125,15 +132,52 @@ def markdown(summary: dict[str, Any], days: list[dict[str, Any]], arms: list[str
               f"Freshness (send → delta published, trainer histogram): p50 "
               f"{summary['freshness_p50_s']} s, p99 {summary['freshness_p99_s']} s. "
               f"Trainer throughput while stepping: {summary['trainer_events_per_s']:,.0f} "
-              "events/s.", f"Wall time: {summary['wall_s']} s.", "",
+              "events/s.", f"Wall time: {summary['wall_s']} s ({_timings(summary)}).", "",
               "![recall per day](recall_per_day.png)", "",
-              "![freshness](freshness.png)", "", "## Per day", "",
+              "![freshness](freshness.png)", "",
+              *curve_section(summary.get("offline_curve")), "## Per day", "",
               "| day | scored | " + " | ".join(f"{a} {c}" for a in arms for c in cols) + " |",
               "|---|---:|" + "---:|" * (len(arms) * len(cols))]
     for row in days:
         lines.append(f"| {row['day']} | {row['scored']} | " + " | ".join(
             f"{row.get(f'{a} {c}', float('nan')):.3f}" for a in arms for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _timings(summary: dict[str, Any]) -> str:
+    t = summary["timings_s"]
+    names = {"bootstrap": "bootstrap", "replay": "lockstep replay", "scoring": "of which "
+             "scoring", "nightlies": "of which nightlies", "curve": "offline curve, alongside "
+             "the replay", "curve_wait": "waiting for the curve after the replay"}
+    return ", ".join(f"{label} {t[key]} s" for key, label in names.items() if key in t)
+
+
+def curve_section(curve: dict[str, Any] | None) -> list[str]:
+    """The offline freshness curve as Markdown: recall@10 / recall@50 per model and delay."""
+    if not curve:
+        return []
+    delays = [str(d) for d in curve["delays_s"]]
+    n = next(iter(next(iter(curve["models"].values())).values()))["n_scored"]
+    lines = ["## Offline freshness curve (same days, in-process)", "",
+             f"The same {curve['test_days']} days replayed without Kafka by "
+             "`batch.freshness.freshness_curve` from the same bootstrap: each model's state "
+             "is updated after every window of the given delay, then the next window is "
+             f"scored ({n:,} scored positives; baselines tuned on the "
+             f"{VALIDATION_DAYS} days before). Cells: recall@10 / recall@50.", "",
+             "| model | " + " | ".join(_delay(int(d)) for d in delays) + " |",
+             "|---|" + "---:|" * len(delays)]
+    for model, per in curve["models"].items():
+        lines.append(f"| {model} | " + " | ".join(
+            f"{per[d]['recall@10']:.4f} / {per[d]['recall@50']:.4f}" for d in delays) + " |")
+    return [*lines, "", "![recall against update delay](recall_vs_delay.png)", ""]
+
+
+def _delay(seconds: int) -> str:
+    """``60`` → ``1 min``, ``86400`` → ``1 d``."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
 
 
 def _plot_recall(path: Path, days: list[dict[str, Any]], arms: list[str],
@@ -154,7 +198,7 @@ def _plot_recall(path: Path, days: list[dict[str, Any]], arms: list[str],
         ax.legend(loc="upper right", fontsize=8)
     axes_list = axes if len(ks) > 1 else [axes]
     axes_list[-1].tick_params(axis="x", rotation=60, labelsize=7)
-    fig.suptitle("Recall per simulated day")
+    fig.suptitle("Prequential recall per replayed day")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

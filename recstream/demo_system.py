@@ -3,9 +3,11 @@
 A broker and a Redis (the configured ones, else embedded ones started here), the
 stream trainer and the lander as real ``recstream stream`` / ``recstream land``
 processes, the nightly job at each day boundary, and the served state read back the
-way the recall API reads it. ``advance(chunk)`` is one tick of simulated time: the
-chunk goes through Kafka, the trainer and the lander take it in, and on the first
-chunk of a new day the nightly trains, publishes and releases the day before.
+way the recall API reads it. ``advance(chunk)`` is one lockstep window: the chunk goes
+through Kafka and returns once the trainer has published it and committed the offsets
+that cover it (publish, then commit: a committed offset means the served state holds
+the chunk); on the first chunk of a new day the lander's commit is awaited too and the
+nightly trains, publishes and releases the day before.
 Everything started here is stopped by ``close`` (by pid).
 """
 
@@ -41,6 +43,7 @@ from serving.recall import RecallService
 from stream.replayer import EventProducer
 
 WAIT_S = 180.0  # for any one wait on a daemon; a stuck demo fails instead of hanging
+POLL_S = 0.01  # between two reads of a group's committed offsets
 
 
 class DemoError(RuntimeError):
@@ -112,9 +115,10 @@ class DemoSystem:
                 "RECSTREAM_KAFKA_DLQ_TOPIC": f"{run}.interactions.dlq",
                 "RECSTREAM_STREAM_TRAINER_GROUP": f"{run}.trainer",
                 "RECSTREAM_STREAM_LANDER_GROUP": f"{run}.lander",
-                # Simulated days pass in seconds: the daemons step and land sub-second.
-                "RECSTREAM_STREAM_UPDATE_INTERVAL_S": "0.3",
-                "RECSTREAM_STREAM_REBASE_CHECK_S": "0.3",
+                # Lockstep: a window arrives whole and the demo waits for it, so the
+                # trainer steps as soon as it has read it; days pass in seconds.
+                "RECSTREAM_STREAM_UPDATE_INTERVAL_S": "0.02",
+                "RECSTREAM_STREAM_REBASE_CHECK_S": "0.1",
                 "RECSTREAM_STREAM_LANDER_FLUSH_S": "0.3",
                 "RECSTREAM_STREAM_TRAINER_METRICS_PORT": str(self.trainer_metrics_port),
                 "RECSTREAM_STREAM_LANDER_METRICS_PORT": str(self.lander_metrics_port),
@@ -134,8 +138,10 @@ class DemoSystem:
     def start_daemons(self) -> None:
         """The stream trainer and the lander, as the processes operators run."""
         logs = self.home / "logs"
-        for daemon in (trainer(self.env, logs, self.dataset_name,
-                               port=self.trainer_metrics_port),
+        # The trainer's wait for its fetch process is a cheap pipe poll: short, so that a
+        # window read is stepped at once (the lander's poll is a broker round trip).
+        for daemon in (trainer({**self.env, "RECSTREAM_STREAM_POLL_TIMEOUT_MS": "10"}, logs,
+                               self.dataset_name, port=self.trainer_metrics_port),
                        lander(self.env, logs, port=self.lander_metrics_port)):
             self._daemons[daemon.name] = daemon.start()
         for name, group in (("stream", self.s.stream.trainer_group),
@@ -184,7 +190,7 @@ class DemoSystem:
             if time.monotonic() > deadline:
                 raise DemoError(f"the {name} process did not take in the events within "
                                 f"{WAIT_S:.0f} s; see {self.home / 'logs' / (name + '.log')}")
-            time.sleep(0.05)
+            time.sleep(POLL_S)
 
     # -- the end ----------------------------------------------------------------------
 

@@ -6,11 +6,12 @@ It ranks by the plain cosine of ``common.model.vectors``, as serving does.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from common.data.dataset import Dataset
-from common.data.events import Events
+from common.data.events import DAY_MS, Events, parse_day
 from common.model.bundle import Features, ModelBundle, encode_examples
 from common.model.history import UserHistories
 from common.model.prior import popularity_prior
@@ -102,17 +103,47 @@ class TwoTowerScorer:
 
 
 class ChampionScorer:
-    """Scores with the version the registry names champion at each call (its weights as
-    trained, without the stream's updates): the nightly-only arm of the demo."""
+    """Scores with the version the registry names champion at each call, its weights as
+    trained, without the stream's updates, and its users' histories as of that nightly:
+    the nightly-only arm of the demo.
 
-    def __init__(self, registry: Registry, dataset: Dataset, catalog: np.ndarray) -> None:
+    The histories hold the positives through the end of the last day the champion's
+    training data covers (a nightly's ``day``; a bootstrap's ``cutoff_ms``): what a
+    nightly that read the landed day could have written, nothing after. ``now_ms`` is
+    the clock their ages are measured against (the demo sets it to each window's start);
+    ``None`` leaves it at the newest history event.
+    """
+
+    def __init__(self, registry: Registry, dataset: Dataset, catalog: np.ndarray,
+                 rating_threshold: float = 4.0) -> None:
         self.registry, self.dataset, self.catalog = registry, dataset, catalog
+        self.rating_threshold = rating_threshold
+        self.now_ms: int | None = None
         self._scorer: tuple[str, TwoTowerScorer] | None = None
 
     def score(self, user_ids: Sequence[str]) -> np.ndarray:
         version = self.registry.resolve("champion")
         if self._scorer is None or self._scorer[0] != version:
-            bundle, _ = self.registry.load(version)
+            bundle, meta = self.registry.load(version)
             features = Features.build(bundle, self.dataset.users, self.dataset.items)
-            self._scorer = (version, TwoTowerScorer(bundle, features, self.catalog))
-        return self._scorer[1].score(user_ids)
+            seen = self.dataset.events.between(None, histories_end_ms(meta))
+            self._scorer = (version, TwoTowerScorer(bundle, features, self.catalog,
+                                                    rating_threshold=self.rating_threshold,
+                                                    seen=seen))
+        scorer = self._scorer[1]
+        if self.now_ms is not None:
+            scorer.now_ms = self.now_ms
+        return scorer.score(user_ids)
+
+
+def histories_end_ms(meta: dict[str, Any]) -> int:
+    """Where a version's users' histories end: after the last day its training data
+    covers (a nightly trains on its day less a held-out tail, but it read all of it).
+
+    >>> histories_end_ms({"cutoff_ms": 5_000, "day": "1970-01-02"})
+    172800000
+    >>> histories_end_ms({"cutoff_ms": 5_000})
+    5000
+    """
+    day = meta.get("day")
+    return parse_day(day) + DAY_MS if day else int(meta["cutoff_ms"])
