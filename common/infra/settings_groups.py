@@ -261,14 +261,14 @@ class ModelSettings(_Group):
     freq_alpha: float = Field(0.01, gt=0, le=1)
     # --- issue 14: the user tower's history field ---
     history_len: int = Field(
-        0, ge=0, le=1000, description="the user's last N positives pooled into the user tower "
+        50, ge=0, le=1000, description="the user's last N positives pooled into the user tower "
         "(0 = ID row and side features only)")
     history_pooling: Literal["decay", "attention"] = Field(
-        "decay", description="time-decayed mean, or a small learned attention")
+        "attention", description="time-decayed mean, or a small learned attention")
     history_half_life_h: float = Field(
         24.0, gt=0, description="half-life of the decayed mean's weights, in hours")
     history_input: Literal["ids", "vectors"] = Field(
-        "ids", description="pool item-ID rows into an MLP field, or pool item vectors and "
+        "vectors", description="pool item-ID rows into an MLP field, or pool item vectors and "
         "add them to the user vector")
     prior_beta: float = Field(
         0.0, ge=0, description="weight of the decayed-popularity prior folded into the "
@@ -293,7 +293,7 @@ class TrainSettings(_Group):
         "small, and a fresh optimiser at the bootstrap lr drags the towers off")
     weight_decay: float = Field(0.0, ge=0)
     logq_strength: float = Field(
-        2.5, ge=0, description="multiplier on log q; above 1 the model keeps a popularity prior "
+        1.5, ge=0, description="multiplier on log q; above 1 the model keeps a popularity prior "
         "in the cosine (it learns log p(i|u) + (strength - 1) log q(i))")
     random_negatives: int = Field(0, ge=0)
     pointwise_negatives: int = Field(4, ge=1)
@@ -308,7 +308,7 @@ class TrainSettings(_Group):
     threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
     # --- issue 14 ---
     user_id_dropout: float = Field(
-        0.0, ge=0, lt=1, description="share of full-training examples whose user row is "
+        0.3, ge=0, lt=1, description="share of full-training examples whose user row is "
         "swapped for the cold row, so history and features learn to carry new users")
     item_lr_scale: float = Field(
         1.0, ge=0, description="item ID rows step at lr_embedding times this (the stream "
