@@ -5,9 +5,9 @@ updates over the last 30 days, against the frozen bootstrap model.
         --json bench/results/stream_lr_sweep.json
 
 Bootstrap as the demo does (everything before the last 30 days), then replay the 30 days
-in the demo's chunks (6 h of event time or 300 events): each chunk is scored by every arm,
-then each learning arm takes embedding-only steps on it (no nightlies, no Kafka: the
-stream's learning alone). Items a user had seen are excluded.
+in chunks of 6 h of event time or 300 events (the demo's, before its 60 s windows): each
+chunk is scored by every arm, then each learning arm takes embedding-only steps on it (no
+nightlies, no Kafka: the stream's learning alone). Items a user had seen are excluded.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from common.evaluation.two_tower import TwoTowerScorer
 from common.infra.settings import load_settings
 from common.model.bundle import Features
 from common.model.training import Trainer
-from recstream.demo import CHUNK_EVENTS, CHUNK_MS, TEST_DAYS
+
+TEST_DAYS = 30
+CHUNK_MS = 6 * 3_600_000  # the chunks the demo replayed in when this sweep was made
+CHUNK_EVENTS = 300
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,11 +10,11 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import RedisServer
 from publishing import (
     control_for,
     exact_answer,
@@ -69,7 +69,7 @@ def _env(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-            redis_server: RedisServer, world: Dataset) -> Trained:
+            redis_server: Any, world: Dataset) -> Trained:
     """One bootstrap per model kind (the tests' indirect parameter), shared by the
     module's tests."""
     home = tmp_path_factory.mktemp(request.param)
