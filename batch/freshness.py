@@ -55,6 +55,8 @@ BASELINE_NAMES = ("popularity", "recent_popularity", "history_knn")
 CURVE_MODELS = (*BASELINE_NAMES, *SCHEDULES)
 HALF_LIVES_DAYS = (0.25, 1.0, 3.0, 7.0, 14.0, 30.0)
 KNN_RECENT = (3, 5, 10, 20, 50)
+# Not above 0.5: a grid to 1.5 picked 1.0 at 1 d on the validation days, and on the 30
+# days before the test window that lost 0.003-0.004 recall@50 against 0.3 (sweep log).
 PRIOR_BETAS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 VALIDATION_DAYS = 14
 KS = (10, 50)
@@ -85,9 +87,15 @@ class TwoTowerArm:
         self.past = [seen.positives(settings.train.rating_threshold)]  # nightly context
         self.pending: list[Events] = []  # events since the last nightly
         self.day: int | None = None
+        # The last cosines scored, kept until the state moves: tuning scores one batch
+        # with every prior weight in a row.
+        self._cached: tuple[tuple[str, ...], np.ndarray] | None = None
 
     def score(self, user_ids: Sequence[str], beta: float | None = None) -> np.ndarray:
-        scores = self.scorer.score(user_ids)
+        users = tuple(str(u) for u in user_ids)
+        if self._cached is None or self._cached[0] != users:
+            self._cached = (users, self.scorer.score(users))
+        scores = self._cached[1].copy()
         beta = self.beta if beta is None else beta
         if self.prior is not None and beta:
             scores += np.float32(beta) * np.log1p(self.prior.counts).astype(np.float32)
@@ -95,6 +103,7 @@ class TwoTowerArm:
 
     def before(self, ts_ms: int) -> None:
         """Set the clock; at a day boundary run the nightly for each finished day."""
+        self._cached = None
         self.scorer.now_ms = ts_ms
         day = ts_ms // DAY_MS
         if not self.nightly or self.day == day:
@@ -104,6 +113,7 @@ class TwoTowerArm:
         self.day = day
 
     def learn(self, chunk: Events) -> None:
+        self._cached = None
         if self.nightly:
             self.pending.append(chunk)
         if self.stream:
@@ -173,23 +183,38 @@ class _BetaView:
 
 
 def tune_prior_beta(settings: Settings, dataset: Dataset, tuning_base: ModelBundle,
-                    history: Events, delay_s: int, half_life_days: float
-                    ) -> tuple[float, dict[float, float]]:
-    """The prior weight with the best recall@50 on the ``VALIDATION_DAYS`` days before
-    the test window, replayed at ``delay_s`` by a nightly+history arm whose bootstrap
-    (``tuning_base``) ends where those days begin."""
+                    history: Events, delay_s: int, half_life_days: float,
+                    arms: Sequence[str] = ("nightly+history",)
+                    ) -> dict[str, tuple[float, dict[float, float]]]:
+    """Each two-tower arm's own prior weight: the best recall@50 on the ``VALIDATION_DAYS``
+    days before the test window, replayed at ``delay_s`` by that arm from a bootstrap
+    (``tuning_base``) that ends where those days begin. Per arm, because the weight that
+    helps a model without fresh state (nightly) hurts one whose stream already knows
+    the user's last minute."""
     split = (int(history.ts_ms.max()) // DAY_MS + 1 - VALIDATION_DAYS) * DAY_MS
     fit, val = history.between(None, split), history.between(split)
     catalog = dataset.catalog()
-    arm = TwoTowerArm(settings, dataset, copy.deepcopy(tuning_base), catalog, fit,
-                      SCHEDULES["nightly+history"], (half_life_days, 0.0))
-    views = {str(b): _BetaView(arm, b) for b in PRIOR_BETAS}
-    res = prequential_arms(views, arm.learn, catalog, val, (50,), chunk_events=None,
+    replayed = {m: TwoTowerArm(settings, dataset, copy.deepcopy(tuning_base), catalog, fit,
+                               SCHEDULES[m], (half_life_days, 0.0)) for m in arms}
+    views = {f"{m}|{b}": _BetaView(arm, b) for m, arm in replayed.items() for b in PRIOR_BETAS}
+
+    def before(ts_ms: int) -> None:
+        for arm in replayed.values():
+            arm.before(ts_ms)
+
+    def learn(chunk: Events) -> None:
+        for arm in replayed.values():
+            arm.learn(chunk)
+
+    res = prequential_arms(views, learn, catalog, val, (50,), chunk_events=None,
                            chunk_ms=delay_s * 1000,
                            rating_threshold=settings.train.rating_threshold, seen=fit,
-                           before_chunk=arm.before)
-    scores = {b: round(res[str(b)][50].recall, 4) for b in PRIOR_BETAS}
-    return max(scores, key=lambda b: (scores[b], -b)), scores
+                           before_chunk=before)
+    out: dict[str, tuple[float, dict[float, float]]] = {}
+    for m in arms:
+        scores = {b: round(res[f"{m}|{b}"][50].recall, 4) for b in PRIOR_BETAS}
+        out[m] = (max(scores, key=lambda b: (scores[b], -b)), scores)
+    return out
 
 
 def replay_delay(settings: Settings, dataset: Dataset, base: ModelBundle | None,
@@ -199,22 +224,26 @@ def replay_delay(settings: Settings, dataset: Dataset, base: ModelBundle | None,
     """One prequential replay of the test window at one delay, every model on the same
     queries; returns the results and the tuning. With ``tuning_base`` (a bootstrap ending
     where the validation days begin) the two-tower arms get the popularity prior, its
-    half-life that of recent_popularity and its weight tuned on the validation days."""
+    half-life that of recent_popularity and each arm's weight tuned on the validation days
+    by that arm."""
     catalog = dataset.catalog()
     arms: dict[str, Any] = {}
     tuning: dict[str, Any] = {}
     if tuning_base is not None or any(m in BASELINE_NAMES for m in models):
         factories, tuning = tuned_baselines(settings, history, catalog, delay_s)
         arms |= {m: factories[m](history) for m in models if m in BASELINE_NAMES}
-    prior = None
-    if tuning_base is not None:
+    tower_names = [m for m in models if m in SCHEDULES]
+    priors: dict[str, tuple[float, float] | None] = dict.fromkeys(tower_names)
+    if tuning_base is not None and tower_names:
         half_life = tuning["recent_popularity"]["half_life_days"]
-        beta, scores = tune_prior_beta(settings, dataset, tuning_base, history, delay_s,
-                                       half_life)
-        tuning["prior"] = {"half_life_days": half_life, "beta": beta, "recall@50": scores}
-        prior = (half_life, beta)
+        tuned = tune_prior_beta(settings, dataset, tuning_base, history, delay_s, half_life,
+                                tower_names)
+        tuning["prior"] = {"half_life_days": half_life,
+                           "beta": {m: beta for m, (beta, _) in tuned.items()},
+                           "recall@50": {m: scores for m, (_, scores) in tuned.items()}}
+        priors = {m: (half_life, beta) for m, (beta, _) in tuned.items()}
     towers = {m: TwoTowerArm(settings, dataset, copy.deepcopy(base), catalog, history,
-                             SCHEDULES[m], prior) for m in models if m in SCHEDULES}
+                             SCHEDULES[m], priors[m]) for m in tower_names}
     arms |= towers
 
     def before(ts_ms: int) -> None:

@@ -142,3 +142,18 @@ def test_a_burst_of_one_users_events_moves_their_answers_not_anothers() -> None:
     assert set(before[0]) != set(after[0]), "the newcomer's own answer did not change"
     overlap = len(set(before[1]) & set(after[1])) / 10
     assert overlap >= 0.8, f"an unrelated user's top-10 moved: overlap {overlap}"
+
+
+def test_each_two_tower_arm_gets_its_own_prior_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    import batch.freshness as freshness
+
+    monkeypatch.setattr(freshness, "VALIDATION_DAYS", 1)  # the tiny data set spans 4 days
+    ds = _days_dataset()
+    report = freshness_curve(small_settings(**HISTORY), ds, 1, [86400],
+                             ["nightly", "nightly+stream"], prior=True)
+    prior = report["tuning"]["86400"]["prior"]
+    assert set(prior["beta"]) == {"nightly", "nightly+stream"}
+    for arm, beta in prior["beta"].items():
+        scores = prior["recall@50"][arm]
+        assert set(scores) == set(freshness.PRIOR_BETAS)
+        assert scores[beta] == max(scores.values()), (arm, scores)
