@@ -254,7 +254,8 @@ class ModelSettings(_Group):
     hidden_dims: tuple[int, ...] = (64,)
     output_dim: int = Field(32, ge=2, le=1024)
     senet: bool = False
-    temperature: float = Field(0.05, gt=0)
+    temperature: float = Field(0.1, gt=0, description="score = cosine / temperature (0.1 "
+                               "chosen on the freshness curve's validation days)")
     min_count: int = Field(2, ge=1)
     freq_hash_size: int = Field(1 << 20, ge=16)
     freq_num_hashes: int = Field(2, ge=1, le=8)
@@ -331,8 +332,8 @@ class StreamSettings(_Group):
         512, ge=2, description="examples per embedding-only step (the nightly uses "
         "train.batch_size); larger steps keep up with 50k events/s")
     lr_embedding: float = Field(
-        0.2, gt=0, description="row-wise Adagrad lr of the stream's ID rows, scaled with its "
-        "batch size from the nightly's 0.05 at 128")
+        0.5, gt=0, description="row-wise Adagrad lr of the stream's ID rows (chosen on the "
+        "freshness curve's validation days; small steps are topped up to min_batch)")
     threads: int = Field(1, ge=0, description="torch threads of the trainer daemon; one "
                          "leaves a core to polling and decoding; 0 = torch default")
     checkpoint_every_steps: int = Field(10, ge=1)
