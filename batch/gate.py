@@ -74,8 +74,12 @@ def evaluate_on_holdout(ns: NightlySettings, es: EvalSettings, ts: TrainSettings
     ranking)."""
     held_out = _sample_users(held_out, ns.eval_max_users, ts.seed)
     catalog = dataset.catalog()
+    # Histories as of the held-out events, for a model that reads them: the data set's
+    # events before the day's, then the day's own (landed) ones.
+    before = dataset.events.between(None, int(train.ts_ms.min())) if len(train) else train
     scorer = TwoTowerScorer(bundle, Features.build(bundle, dataset.users, dataset.items),
-                            catalog)
+                            catalog, rating_threshold=ts.rating_threshold,
+                            seen=Events.concat([before, train]))
     return evaluate_scorer(scorer, catalog, train, held_out, ks=es.ks,
                            rating_threshold=ts.rating_threshold)
 

@@ -197,13 +197,15 @@ class PromotionGuard:
     def _recalls(self, version: str, previous: str, events: Events
                  ) -> tuple[float, float, int]:
         catalog = self.dataset.catalog()
+        # What a user saw before the first event is filtered out, as serving does, and is
+        # the history a model that reads histories starts from.
+        seen = self.dataset.events.between(None, int(events.ts_ms.min()))
         arms = {}
         for name, ref in (("champion", version), ("previous", previous)):
             bundle, _ = self.control.registry.load(ref)
             features = Features.build(bundle, self.dataset.users, self.dataset.items)
-            arms[name] = TwoTowerScorer(bundle, features, catalog)
-        # What a user saw before the first event is filtered out, as serving does.
-        seen = self.dataset.events.between(None, int(events.ts_ms.min()))
+            arms[name] = TwoTowerScorer(bundle, features, catalog,
+                                        rating_threshold=self.ts.rating_threshold, seen=seen)
         out = prequential_arms(arms, _no_learning, catalog, events, (self.k,),
                                rating_threshold=self.ts.rating_threshold, seen=seen)
         new, old = out["champion"][self.k], out["previous"][self.k]

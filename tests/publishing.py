@@ -3,6 +3,7 @@ champion, the exact answer the recall API must give."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from streaming import SMALL_MODEL
 from batch.jobs import bootstrap_job
 from common.data.dataset import Dataset
 from common.infra.settings import Settings, load_settings
-from common.model.bundle import Features
+from common.model.bundle import Features, ModelBundle
+from common.model.history import HOUR_MS
 from common.model.registry import Registry
+from common.model.towers import History
 from common.model.vectors import item_vectors, servable_items
 from publisher.control import ReleaseControl
 from publisher.redis_faiss import RedisFaissPublisher
@@ -74,11 +77,42 @@ def exact_answer(settings: Settings, dataset: Dataset, version: str, user_id: st
     if user_emb is None:
         user_emb = bundle.model.user.ids.weight[bundle.user_vocab.lookup([user_id])].numpy()
     cat, multi = features.users.gather(torch.from_numpy(features.users.rows([user_id])))
+    history = _history(settings, bundle, user_id, dict(zip(names, items, strict=True)))
     with torch.no_grad():
-        query = bundle.model.user(torch.from_numpy(user_emb.reshape(1, -1)), cat, multi)
+        query = bundle.model.user(torch.from_numpy(user_emb.reshape(1, -1)), cat, multi,
+                                  history)
     scores = items @ query.numpy()[0]
     order = [i for i in np.argsort(-scores, kind="stable") if names[i] not in seen]
     return [names[i] for i in order[:k]]
+
+
+def _history(settings: Settings, bundle: ModelBundle, user_id: str,
+             vectors: dict[str, np.ndarray]) -> History | None:
+    """The user tower's history input as the recall API builds it: the user's seen set
+    (last ``history_len`` by time, aged at the wall clock: the tests' services use it) over
+    the item vectors the index holds (``vectors``), or the version's item-ID rows."""
+    n = bundle.model.cfg.history_len
+    if n == 0 or bundle.model.user.history is None:
+        return None
+    pub = RedisFaissPublisher.from_settings(settings)
+    items, ts = pub.users.histories([user_id], n)[0]
+    now = int(time.time() * 1000)
+    age = torch.zeros(1, n)
+    mask = torch.zeros(1, n, dtype=torch.bool)
+    if bundle.model.user.history_vectors:
+        emb = torch.zeros(1, n, bundle.model.cfg.output_dim)
+        held = [(k, i) for k, i in enumerate(items) if i in vectors]
+        for k, item in held:
+            emb[0, n - len(items) + k] = torch.from_numpy(
+                vectors[item][:bundle.model.cfg.output_dim])
+    else:
+        rows = torch.zeros(1, n, dtype=torch.long)
+        rows[0, n - len(items):] = torch.from_numpy(bundle.item_vocab.lookup(items))
+        emb, held = bundle.model.item.ids.weight[rows], list(enumerate(items))
+    for k, _ in held:
+        mask[0, n - len(items) + k] = True
+        age[0, n - len(items) + k] = max(now - ts[k], 0) / HOUR_MS
+    return emb, age, mask
 
 
 def published_item_vectors(settings: Settings, version: str) -> tuple[list[str], np.ndarray]:

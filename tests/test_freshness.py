@@ -109,7 +109,9 @@ def test_ml100k_history_tower_beats_id_only_at_one_minute() -> None:
     base = small_settings()
     dataset = load_dataset("ml-100k", base.data_cache)
     recall = {}
-    for name, env in (("id_only", {}), ("history", {
+    id_only = {"RECSTREAM_MODEL_HISTORY_LEN": "0", "RECSTREAM_TRAIN_LOGQ_STRENGTH": "2.5",
+               "RECSTREAM_TRAIN_USER_ID_DROPOUT": "0", "RECSTREAM_MODEL_TEMPERATURE": "0.05"}
+    for name, env in (("id_only", id_only), ("history", {
             "RECSTREAM_MODEL_HISTORY_LEN": "50", "RECSTREAM_MODEL_HISTORY_INPUT": "vectors",
             "RECSTREAM_MODEL_HISTORY_POOLING": "attention",
             "RECSTREAM_TRAIN_LOGQ_STRENGTH": "1.5"})):

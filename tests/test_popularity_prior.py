@@ -15,7 +15,7 @@ from common.data.synthetic import SyntheticConfig, generate
 from common.model.bundle import Features
 from common.model.prior import popularity_prior
 from common.model.registry import Registry
-from common.model.vectors import item_vectors, served_item_vectors, served_queries, user_vectors
+from common.model.vectors import item_vectors, served_item_vectors, served_queries
 from publisher.files import FilePublisher
 from serving.recall import wait_until_serving
 from stream.checkpoint import CheckpointMeta, load_checkpoint, restore_into, save_checkpoint
@@ -110,8 +110,12 @@ def test_the_recall_api_ranks_by_cosine_plus_the_prior(tmp_path: Path, redis_ser
     got = service.recall(user, 20)
     assert got.fallback is None
     names = [i for i, _ in got.items]
-    cosine = user_vectors(bundle, features, [user]).numpy() @ \
-        item_vectors(bundle, features, names).numpy().T
+    served = service.current
+    assert served is not None
+    rows = service.users.read(version, [user])
+    recent = service.users.histories([user], served.history_len)
+    _, query = served.queries(rows, recent, service.clock())  # the user tower, as served
+    cosine = query @ item_vectors(bundle, features, names).numpy().T
     prior = popularity_prior(bundle.item_pop[bundle.item_vocab.lookup(names)], end, 2.0)
     np.testing.assert_allclose([s for _, s in got.items], cosine[0] + 0.3 * prior, atol=1e-4)
     assert not np.all(np.diff(cosine[0]) <= 1e-6)  # the prior reordered the cosine's list

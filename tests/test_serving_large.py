@@ -28,7 +28,10 @@ def test_approximate_index_answers_overlap_the_exact_top_k(tmp_path: Path, redis
     names, items = published_item_vectors(settings, version)
     users = Registry(settings.models_dir).load(version)[0].user_vocab.ids[:100]
     rows = service.users.read(version, users)
-    queries = served.user_vectors(rows.vectors, rows.features)
+    # The recall API's own query (row, features and the user's history at its clock).
+    recent = service.users.histories(users, served.history_len)
+    which, queries = served.queries(rows, recent, service.clock())
+    assert which.tolist() == list(range(len(users)))
     score_of = dict(zip(names, range(len(names)), strict=True))
     overlaps = []
     for user, query in zip(users, queries, strict=True):

@@ -30,8 +30,9 @@ DRIFTING = SyntheticConfig(n_users=1000, n_items=1000, n_clusters=20, n_days=8,
 class _Frozen:
     """A scorer that ignores what it is shown: both arms are frozen on the test day."""
 
-    def __init__(self, bundle: ModelBundle, features: Features, catalog: np.ndarray) -> None:
-        self.scorer = TwoTowerScorer(bundle, features, catalog)
+    def __init__(self, bundle: ModelBundle, features: Features, catalog: np.ndarray,
+                 seen: Events) -> None:
+        self.scorer = TwoTowerScorer(bundle, features, catalog, seen=seen)
 
     def score(self, user_ids: list[str]) -> np.ndarray:
         return self.scorer.score(user_ids)
@@ -73,9 +74,12 @@ def test_streamed_day_lifts_next_day_recall_of_drifted_users(
     drifted = [f"u{k}" for k in np.flatnonzero(moved)]
     catalog, seen = ds.catalog(), ds.events.between(None, int(starts[7]))
     recalls = {}
-    for arm, bundle in (("nightly", Registry(settings.models_dir).load("champion")[0]),
-                        ("nightly+stream", trainer.learner.bundle)):
-        scorer = _Frozen(bundle, Features.build(bundle, ds.users, ds.items), catalog)
+    # Histories: the nightly's as of its cutoff; the stream's with the streamed day in.
+    for arm, bundle, known in (
+            ("nightly", Registry(settings.models_dir).load("champion")[0],
+             ds.events.between(None, int(starts[6]))),
+            ("nightly+stream", trainer.learner.bundle, seen)):
+        scorer = _Frozen(bundle, Features.build(bundle, ds.users, ds.items), catalog, known)
         result = prequential(scorer, catalog, next_day, k=50, chunk_events=1000, seen=seen)
         recalls[arm] = (result.recall, result.restrict(drifted).recall)
     print(f"\nnext-day prequential recall@50 (all users, {len(drifted)} drifted users): "

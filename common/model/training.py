@@ -120,7 +120,10 @@ class Trainer:
         uniq, inverse = torch.unique(hist_rows, return_inverse=True)
         emb = i_grad.leaf.index_select(0, torch.searchsorted(i_grad.rows, uniq))
         cat, multi = self.features.items.gather(self._item_feature_rows()[uniq])
-        return self.bundle.model.item(emb, cat, multi)[inverse]
+        # index_select, not [inverse]: its backward (index_add) sums in a fixed order, while
+        # advanced indexing's accumulates from threads in any order (bootstraps would differ).
+        out = self.bundle.model.item(emb, cat, multi)
+        return out.index_select(0, inverse.reshape(-1)).view(*inverse.shape, out.shape[1])
 
     def _items_frozen(self) -> bool:
         """Embedding-only steps with item rows at rate 0 (the stream's default): nothing on
