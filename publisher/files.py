@@ -44,7 +44,7 @@ class FilePublisher:
         self.root = root
         self._lock = threading.Lock()
         self._seq: dict[str, int] = {}
-        self._seen: dict[str, dict[str, int]] | None = None  # user -> item -> last time
+        self._seen: dict[str, dict[str, int]] | None = None  # user -> item -> first time
 
     def _dir(self, version: str) -> Path:
         return self.root / version / "deltas"
@@ -75,7 +75,7 @@ class FilePublisher:
             if delta.seen is not None:
                 self._add_seen(delta.seen)
 
-    # -- histories: the seen sets' semantics (item -> last time), kept in memory -------------
+    # -- histories: the seen sets' semantics (item -> first time), kept in memory ------------
 
     def write_history(self, seen: Interactions) -> None:
         """In memory only: what a delta carries is durable with it, and a restart replays
@@ -110,7 +110,7 @@ class FilePublisher:
         assert self._seen is not None
         for user, item, t in zip(users, items, ts, strict=True):
             mine = self._seen.setdefault(str(user), {})
-            mine[str(item)] = max(int(t), mine.get(str(item), int(t)))
+            mine[str(item)] = min(int(t), mine.get(str(item), int(t)))  # as ZADD LT
             if len(mine) > 2 * _HISTORY_CAP:  # trimmed in bulk, as Redis does
                 keep = sorted(mine.items(), key=lambda kv: (kv[1], kv[0]))[-_HISTORY_CAP:]
                 self._seen[str(user)] = dict(keep)

@@ -125,7 +125,7 @@ class RedisFaissPublisher:
                              "users": len(delta.user_ids), "items": len(delta.item_ids)})
 
     def write_history(self, seen: Interactions) -> None:
-        """The positives into the users' seen sets (ZADD GT: idempotent), which the recall
+        """The positives into the users' seen sets (ZADD LT: idempotent), which the recall
         API reads as their histories."""
         self.users.add_seen(seen.user_ids, seen.item_ids, seen.ts_ms)
 

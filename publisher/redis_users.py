@@ -7,7 +7,7 @@ Layout (prefix ``rs``)::
     rs:{release}:withdrawn      set   versions rolled back from (the stream avoids them)
     rs:uemb:{V:b}               hash  user id -> float32 ID embedding bytes
     rs:ufeat:{V:b}              hash  user id -> int32 packed feature row bytes
-    rs:seen:{user}              zset  item id -> last event time (ms), capped: the
+    rs:seen:{user}              zset  item id -> first event time (ms), capped: the
                                       user's positives, so its last N by time are the
                                       user tower's history input
     rs:rebased:V                string JSON offsets: the stream caught up on V
@@ -38,7 +38,7 @@ from common.infra.settings_groups import RedisSettings
 from common.model.freq import stable_hash
 from publisher.base import PublishError
 from publisher.resp import Commands, execute
-from publisher.resp_bulk import Groups, RememberedArgs, hset_rows, zadd_gt
+from publisher.resp_bulk import Groups, RememberedArgs, hset_rows, zadd_lt
 
 WRITING, COMPLETE = "writing", "complete"
 _TRIM_EVERY = 8
@@ -302,9 +302,13 @@ class UserStore:
         when this call brings ``seen_max`` interactions or more, else on one call in
         ``_TRIM_EVERY``: a set may exceed the cap by what a few deltas add.
 
-        One ZADD GT per user with all its interactions: a member given twice keeps the
-        later time, as separate ZADDs would. ``resp_bulk`` packs the commands in a few
-        C-level passes over the events and the users rather than Python per event."""
+        One ZADD LT per user with all its interactions: a member given twice keeps its
+        first time, as separate ZADDs would. First, not last: then a history read while
+        a step is replayed (after a crash or for a rebase) holds what it held the first
+        time for every event before the step, although later ones are stored by then
+        (a repeat positive on an item does not move it to the front of the history).
+        ``resp_bulk`` packs the commands in a few C-level passes over the events and the
+        users rather than Python per event."""
         if self.rs.seen_max == 0 or not len(user_ids):
             return
         if not len(user_ids) == len(item_ids) == len(ts_ms):
@@ -315,7 +319,7 @@ class UserStore:
         crc = np.fromiter(map(zlib.crc32, users.keys), np.int64, len(users.keys))
         trim = (users.counts >= cap) | (crc % _TRIM_EVERY == turn)
         # Sent once the commands hold 2 * pipeline_fields arguments or more.
-        for commands in zadd_gt(self.keys.seen, users, ts_ms, self._members(item_ids), trim,
+        for commands in zadd_lt(self.keys.seen, users, ts_ms, self._members(item_ids), trim,
                                 cap, 2 * self.rs.pipeline_fields):
             self._execute(commands)
 

@@ -8,16 +8,16 @@ once per ``Commands`` sent: no Python work per row. The bytes are exactly what r
 would send for the same commands (``tests/test_resp.py``).
 
 ``hset_rows`` writes rows of bytes into hashes, one HSET per group and hash;
-``zadd_gt`` adds (time, member) pairs to a sorted set per group, each followed by a
+``zadd_lt`` adds (time, member) pairs to a sorted set per group, each followed by a
 trim where asked.
 
 >>> [c.packed() for c in hset_rows(["a", "b"], np.array([0, 0]),
 ...                                [(lambda g: f"h{g}", np.array([[1], [2]], np.int8))], 10)]
 [b'*6\\r\\n$4\\r\\nHSET\\r\\n$2\\r\\nh0\\r\\n$1\\r\\na\\r\\n$1\\r\\n\\x01\\r\\n$1\\r\\nb\\r\\n$1\\r\\n\\x02\\r\\n']
 >>> users = Groups.of(["u", "u"])
->>> [list(c.each()) for c in zadd_gt(lambda u: f"s:{u}", users, [5, 7], args([b"i", b"j"]),
+>>> [list(c.each()) for c in zadd_lt(lambda u: f"s:{u}", users, [5, 7], args([b"i", b"j"]),
 ...                                  np.array([True]), 3, 100)]
-[[[b'ZADD', b's:u', b'GT', b'5', b'i', b'7', b'j'], [b'ZREMRANGEBYRANK', b's:u', b'0', b'-4']]]
+[[[b'ZADD', b's:u', b'LT', b'5', b'i', b'7', b'j'], [b'ZREMRANGEBYRANK', b's:u', b'0', b'-4']]]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 
 from publisher.resp import Commands, arg, args
 
-_HSET, _ZADD, _GT, _ZREMRANGEBYRANK = map(arg, (b"HSET", b"ZADD", b"GT", b"ZREMRANGEBYRANK"))
+_HSET, _ZADD, _LT, _ZREMRANGEBYRANK = map(arg, (b"HSET", b"ZADD", b"LT", b"ZREMRANGEBYRANK"))
 _TRIM = b"*4\r\n" + _ZREMRANGEBYRANK  # a trim's header and name; its key and range follow
 _TABLE_MAX = 1024  # values formatted through a table below this, else each distinct one
 
@@ -105,10 +105,10 @@ def hset_rows(fields: Sequence[str], groups: np.ndarray,
     yield from _batches(pieces, layout, rows, max_fields)
 
 
-def zadd_gt(key_of: Callable[[str], str], users: Groups, ts_ms: Sequence[int],
+def zadd_lt(key_of: Callable[[str], str], users: Groups, ts_ms: Sequence[int],
             members: Sequence[bytes], trim: np.ndarray, keep: int,
             max_args: int) -> Iterator[Commands]:
-    """Per group of ``users``, one ``ZADD key_of(user) GT`` of its events' (time,
+    """Per group of ``users``, one ``ZADD key_of(user) LT`` of its events' (time,
     member) pairs in their order (``members``: each event's member as an ``arg``), then
     ``ZREMRANGEBYRANK key 0 -(keep + 1)`` where ``trim`` (bool [groups]) says so. A
     ``Commands`` is yielded once it holds ``max_args`` arguments or more (or at the
@@ -128,7 +128,7 @@ def zadd_gt(key_of: Callable[[str], str], users: Groups, ts_ms: Sequence[int],
     slots = 3 + 2 * users.counts + 3 * trim
     pieces = np.empty(int(slots.sum()), object)
     ends = np.cumsum(slots)
-    _place(pieces, ends - slots, [opens, names, after + b"\r\n" + _GT],
+    _place(pieces, ends - slots, [opens, names, after + b"\r\n" + _LT],
            _ranked(users.counts), _objects(_scores(ts_ms))[users.order],
            _objects(members)[users.order])
     trimmed = ends[trim]

@@ -119,7 +119,7 @@ def _seen_state(store: UserStore, *users: str) -> dict[str, list[tuple[str, floa
 
 
 def test_seen_contents_exactly(redis_url: str, prefix: str) -> None:
-    """A member given twice in one call keeps its later time; a call bringing seen_max or
+    """A member given twice keeps its first time; a call bringing seen_max or
     more trims at once, else a user is trimmed on its turn (one call in 8); re-publishing
     a delta changes nothing."""
     s = _settings(redis_url, prefix, seen_max="3", pipeline_fields="3")
@@ -127,12 +127,12 @@ def test_seen_contents_exactly(redis_url: str, prefix: str) -> None:
     _add_seen(store, _SEEN_CALL_1)
     _add_seen(store, [("u2", "j3", _T13 + 30), ("u2", "j1", _T13 + 5)])
     _add_seen(store, [("u2", "j4", _T13 + 40), ("uc", "k3", _T12 + 3), ("uc", "k4", _T12 + 4)])
-    assert _seen_state(store, "u2")["u2"] == [("j1", _T13 + 10), ("j2", _T13 + 20),
+    assert _seen_state(store, "u2")["u2"] == [("j1", _T13 + 5), ("j2", _T13 + 20),
                                               ("j3", _T13 + 30), ("j4", _T13 + 40)]
     for _ in range(2):  # the 4th call is u2's turn; the 5th re-publishes it
         _add_seen(store, [("u2", "j5", _T13 + 50)])
     assert _seen_state(store, "ua", "u2", "uc") == {
-        "ua": [("i1", 150), ("i2", 200), ("i3", 400)],
+        "ua": [("i1", 100), ("i4", 120), ("i2", 200)],
         "u2": [("j3", _T13 + 30), ("j4", _T13 + 40), ("j5", _T13 + 50)],
         "uc": [("k1", _T12 + 1), ("k2", _T12 + 2), ("k3", _T12 + 3), ("k4", _T12 + 4)]}
 
@@ -140,16 +140,16 @@ def test_seen_contents_exactly(redis_url: str, prefix: str) -> None:
 def test_histories_are_each_users_last_positives_by_time_in_one_round_trip(
         store: UserStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Oldest first, the last ``max_len`` by event time (not by arrival), a re-seen item
-    at its latest time, 13-digit times exact; one pipeline for the whole batch."""
+    at its first time, 13-digit times exact; one pipeline for the whole batch."""
     _add_seen(store, [("ua", "i3", _T13 + 30), ("ua", "i1", _T13 + 10), ("ua", "i4", _T13 + 40),
                       ("ua", "i2", _T13 + 20), ("ub", "j1", 7), ("ua", "i1", _T13 + 50)])
     pipelines = []
     real = store._pipe_call
     monkeypatch.setattr(store, "_pipe_call", lambda c: pipelines.append(c) or real(c))
     assert store.histories(["ua", "nobody", "ub"], 3) == [
-        (["i3", "i4", "i1"], [_T13 + 30, _T13 + 40, _T13 + 50]), ([], []), (["j1"], [7])]
+        (["i2", "i3", "i4"], [_T13 + 20, _T13 + 30, _T13 + 40]), ([], []), (["j1"], [7])]
     assert len(pipelines) == 1
-    assert store.histories(["ua"], 10)[0][0] == ["i2", "i3", "i4", "i1"]
+    assert store.histories(["ua"], 10)[0][0] == ["i1", "i2", "i3", "i4"]
     assert store.histories(["ua"], 0) == [([], [])] and store.histories([], 5) == []
 
 
@@ -167,7 +167,7 @@ def test_the_recall_read_returns_the_seen_items_with_their_times(store: UserStor
 
 def test_seen_commands_and_their_pipeline_chunks(redis_url: str, prefix: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """One ZADD GT per user in order of first appearance, its trim right after it, and a
+    """One ZADD LT per user in order of first appearance, its trim right after it, and a
     send once the commands hold 2 * pipeline_fields arguments or more."""
     s = _settings(redis_url, prefix, seen_max="3", pipeline_fields="4")
     store = UserStore(connect(s), s.redis)
@@ -176,10 +176,10 @@ def test_seen_commands_and_their_pipeline_chunks(redis_url: str, prefix: str,
     _add_seen(store, _SEEN_CALL_1)
     key = {u: store.keys.seen(u).encode() for u in ("ua", "u2", "uc")}
     assert sent == [
-        [[b"ZADD", key["ua"], b"GT", b"100", b"i1", b"200", b"i2", b"400", b"i3", b"150",
+        [[b"ZADD", key["ua"], b"LT", b"100", b"i1", b"200", b"i2", b"400", b"i3", b"150",
           b"i1", b"50", b"i3", b"120", b"i4"], [b"ZREMRANGEBYRANK", key["ua"], b"0", b"-4"]],
-        [[b"ZADD", key["u2"], b"GT", b"%d" % (_T13 + 10), b"j1", b"%d" % (_T13 + 20), b"j2"],
-         [b"ZADD", key["uc"], b"GT", b"%d" % (_T12 + 1), b"k1", b"%d" % (_T12 + 2), b"k2"]]]
+        [[b"ZADD", key["u2"], b"LT", b"%d" % (_T13 + 10), b"j1", b"%d" % (_T13 + 20), b"j2"],
+         [b"ZADD", key["uc"], b"LT", b"%d" % (_T12 + 1), b"k1", b"%d" % (_T12 + 2), b"k2"]]]
 
 
 def test_wrong_width_is_refused(store: UserStore) -> None:

@@ -74,7 +74,7 @@ def test_user_writes_and_seen_items_store_what_redis_py_commands_store(
         r.hset(keys.emb("v1", int(b)), u, vec.tobytes())
         r.hset(keys.feat("v1", int(b)), u, feat.tobytes())
     for u, i, t in zip(seen_users, seen_items, seen_ts, strict=True):
-        r.zadd(keys.seen(u), {i: t}, gt=True)
+        r.zadd(keys.seen(u), {i: t}, lt=True)
 
     fast_state = {k: v for k, v in _dump(r, f"{prefix}-fast:*").items()
                   if not k.startswith(b"versions")}
@@ -141,7 +141,7 @@ def test_clients_other_than_redis_redis_run_the_commands_through_a_pipeline(
     r = redis.Redis.from_url(redis_url)
     cmds = Commands()
     cmds.add(b"HSET", f"{prefix}:h".encode(), b"f\r\n", b"\x00\r\n\xff")
-    cmds.add(b"ZADD", f"{prefix}:z".encode(), b"GT", b"5", b"m", b"3", b"m")
+    cmds.add(b"ZADD", f"{prefix}:z".encode(), b"LT", b"5", b"m", b"3", b"m")
     execute(_PipelineOnly(r), cmds)
     assert r.hgetall(f"{prefix}:h") == {b"f\r\n": b"\x00\r\n\xff"}
-    assert r.zscore(f"{prefix}:z", "m") == 5
+    assert r.zscore(f"{prefix}:z", "m") == 3  # LT: the lower of the two

@@ -302,7 +302,7 @@ def test_histories_are_shared_by_versions_through_release_rollback_and_replay(
     state, so every version reads the same ones. Positives that arrive while a new version
     serves are still in the user's history after a rollback to the old one, and the old
     version embeds them exactly as offline evaluation would; the rebase's replay of those
-    events writes them again and changes nothing (ZADD GT: same members, same times)."""
+    events writes them again and changes nothing (ZADD LT: same members, same times)."""
     control = control_for(served.settings)
     registry = Registry(served.settings.models_dir)
     bundle, meta = registry.load(served.version)
