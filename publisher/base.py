@@ -69,8 +69,10 @@ class Publisher(Protocol):
         so a replayed step adds nothing."""
         ...
 
-    def histories(self, user_ids: list[str], max_len: int) -> list[History]:
-        """Each user's last ``max_len`` positives by time (raises ``PublishError``)."""
+    def histories(self, user_ids: list[str], max_len: int,
+                  before_ms: int | None = None) -> list[History]:
+        """Each user's last ``max_len`` positives by time, those before ``before_ms`` if
+        given (raises ``PublishError``)."""
         ...
 
     def rebased(self, version: str, offsets: dict[int, int]) -> None:

@@ -83,12 +83,14 @@ class FilePublisher:
         with self._lock:
             self._add_seen(seen)
 
-    def histories(self, user_ids: list[str], max_len: int) -> list[History]:
+    def histories(self, user_ids: list[str], max_len: int,
+                  before_ms: int | None = None) -> list[History]:
         with self._lock:
             seen = self._loaded()
             out = []
             for user in user_ids:
-                pairs = sorted((t, i) for i, t in seen.get(str(user), {}).items())[-max_len:]
+                pairs = sorted((t, i) for i, t in seen.get(str(user), {}).items()
+                               if before_ms is None or t < before_ms)[-max_len:]
                 out.append(([i for _, i in pairs], [t for t, _ in pairs]))
             return out
 

@@ -129,8 +129,9 @@ class RedisFaissPublisher:
         API reads as their histories."""
         self.users.add_seen(seen.user_ids, seen.item_ids, seen.ts_ms)
 
-    def histories(self, user_ids: list[str], max_len: int) -> list[History]:
-        return self.users.histories(user_ids, max_len)
+    def histories(self, user_ids: list[str], max_len: int,
+                  before_ms: int | None = None) -> list[History]:
+        return self.users.histories(user_ids, max_len, before_ms)
 
     def _append_items(self, version: str, names: list[str], vectors: np.ndarray) -> int:
         with self._lock:

@@ -247,10 +247,12 @@ class UserStore:
         none), so the last N are the user's history: no second command for it."""
         return self._read(meta, [user_id], user_id, times)
 
-    def histories(self, user_ids: Sequence[str], max_len: int) -> list[Recent]:
+    def histories(self, user_ids: Sequence[str], max_len: int,
+                  before_ms: int | None = None) -> list[Recent]:
         """Each user's last ``max_len`` positives by time (item ids oldest first, and
-        their times in ms): one pipelined ZRANGE ... WITHSCORES per user, one round trip
-        for the batch."""
+        their times in ms), only those before ``before_ms`` if given (what a replayed
+        step read the first time, later positives being stored since): one pipelined
+        ZRANGE ... WITHSCORES per user, one round trip for the batch."""
         if max_len < 0:
             raise ValueError(f"max_len must be at least 0, got {max_len}")
         if max_len == 0 or not len(user_ids):  # ZRANGE -0 -1 would be the whole set
@@ -258,9 +260,16 @@ class UserStore:
 
         def commands(p: Any) -> None:
             for u in user_ids:
-                p.zrange(self.keys.seen(u), -max_len, -1, withscores=True)
+                if before_ms is None:
+                    p.zrange(self.keys.seen(u), -max_len, -1, withscores=True)
+                else:  # newest first from just below the bound, then reversed
+                    p.zrange(self.keys.seen(u), f"({before_ms}", "-inf", desc=True,
+                             byscore=True, offset=0, num=max_len, withscores=True)
 
-        return [_recent(reply) for reply in self._pipe_call(commands)]
+        replies = self._pipe_call(commands)
+        if before_ms is not None:
+            replies = [reply[::-1] for reply in replies]
+        return [_recent(reply) for reply in replies]
 
     def _read(self, meta: VersionMeta, user_ids: Sequence[str], seen_of: str | None,
               times: bool = False) -> tuple[UserRows, Recent]:

@@ -58,7 +58,8 @@ class HistorySource(Protocol):
 
     def write_history(self, seen: Interactions) -> None: ...
 
-    def histories(self, user_ids: list[str], max_len: int) -> list[History]: ...
+    def histories(self, user_ids: list[str], max_len: int,
+                  before_ms: int | None = None) -> list[History]: ...
 
 
 class StreamLearner:
@@ -148,15 +149,16 @@ class StreamLearner:
                         extra={"error": str(exc)})
 
     def _context(self, positives: Events) -> Events | None:
-        """The stored histories of the step's users (``training_histories`` keeps what is
-        older than every example: the step's own events, already stored, drop out)."""
+        """The stored histories of the step's users, older than the step's first positive
+        (the step's own events, already stored, come from the step itself)."""
         n = self.bundle.model.cfg.history_len
         if n == 0 or self.histories is None or len(positives) == 0:
             return None
-        users, counts = np.unique(positives.user_id.astype(str), return_counts=True)
+        users = np.unique(positives.user_id.astype(str))
         try:
-            # More than n: the step's own positives may be among the latest stored.
-            found = self.histories.histories(users.tolist(), n + int(counts.max()))
+            # Only what is older than the step: a replayed step (after a crash, for a
+            # rebase) then reads what its first run read, later positives stored since.
+            found = self.histories.histories(users.tolist(), n, int(positives.ts_ms.min()))
         except PublishError as exc:
             log.warning("histories unreadable; learning from the step's events alone",
                         extra={"error": str(exc)})

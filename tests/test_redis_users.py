@@ -151,6 +151,9 @@ def test_histories_are_each_users_last_positives_by_time_in_one_round_trip(
     assert len(pipelines) == 1
     assert store.histories(["ua"], 10)[0][0] == ["i1", "i2", "i3", "i4"]
     assert store.histories(["ua"], 0) == [([], [])] and store.histories([], 5) == []
+    # Bounded: the last two strictly before a time, oldest first (a replayed step's read).
+    assert store.histories(["ua", "ub"], 2, before_ms=_T13 + 40) == [
+        (["i2", "i3"], [_T13 + 20, _T13 + 30]), (["j1"], [7])]
 
 
 def test_the_recall_read_returns_the_seen_items_with_their_times(store: UserStore) -> None:

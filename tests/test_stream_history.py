@@ -53,10 +53,11 @@ def test_a_step_writes_its_positives_to_the_histories_before_it_learns(tmp_path:
     written: list[int] = []
 
     class Watching(FilePublisher):
-        def histories(self, user_ids: list[str], max_len: int) -> list:
-            got = source.histories(user_ids, max_len)  # read while learning
-            written.append(sum(len(items) for items, _ in got))
-            return got
+        def histories(self, user_ids: list[str], max_len: int,
+                      before_ms: int | None = None) -> list:
+            # What the store holds when the step reads (the step's own included).
+            written.append(sum(len(items) for items, _ in source.histories(user_ids, 50)))
+            return source.histories(user_ids, max_len, before_ms)
 
         def write_history(self, seen: Interactions) -> None:
             source.write_history(seen)
