@@ -134,12 +134,14 @@ class Trainer:
     def _item_table(self) -> torch.Tensor:
         """Item tower outputs of every item row (row 0: the cold row, no features), for
         frozen items: computed once, extended as rows grow (their rows never change)."""
-        n = self.bundle.model.item.ids.num_rows
+        # Rows of the vocabulary only: a table grown ahead of it holds rows no item has yet,
+        # whose features are not known until one does.
+        feat_of = self._item_feature_rows()
+        n = len(feat_of)
         done = 0 if self._frozen_items is None else len(self._frozen_items)
         if done < n:
             rows = torch.arange(done, n)
-            feat = self._item_feature_rows()
-            feat = torch.cat([feat, feat.new_zeros(max(0, n - len(feat)))])[rows]
+            feat = feat_of[rows]
             feat[rows == COLD_ROW] = 0
             parts = [self.bundle.model.item.encode(rows[lo:lo + 65_536],
                                                    *self.features.items.gather(
