@@ -80,8 +80,11 @@ def feature_tables(n_users: int, n_items: int, seed: int) -> tuple[FeatureTable,
 
 
 def setup(args: argparse.Namespace) -> tuple[Settings, ModelBundle, Features, Examples]:
+    model: dict[str, object] = {"min_count": 1, "embedding_dim": args.dim}
+    if args.history_len is not None:
+        model["history_len"] = args.history_len
     settings = Settings().with_overrides(
-        model={"min_count": 1, "embedding_dim": args.dim},
+        model=model,
         train={"batch_size": args.batch, "seed": args.seed})
     users, items = feature_tables(args.users, args.items, args.seed)
     positives = synthetic_positives(args.users, args.items,
@@ -193,6 +196,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--steps", type=int, default=200, help="timed batches per repeat")
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--history-len", type=int, default=None,
+                   help="positives the user tower reads (default: the settings' default, 50; "
+                   "0: ID row and side features only)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--events-per-id", type=float, default=2.0,

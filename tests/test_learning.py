@@ -192,20 +192,6 @@ def test_embedding_only_updates_beat_a_frozen_model_prequentially(
     assert recalls[True][1] > 1.5 * recalls[False][1]
 
 
-class _Streaming:
-    """The stream's arm: each chunk goes into the users' histories and is learned from."""
-
-    def __init__(self, scorer: TwoTowerScorer) -> None:
-        self.scorer = scorer
-
-    def score(self, user_ids: list[str]) -> np.ndarray:
-        return self.scorer.score(user_ids)
-
-    def learn(self, events: Events) -> None:
-        self.scorer.learn(events)
-        self.scorer.observe(events)
-
-
 class _Frozen:
     """The same scorer with learning switched off: the nightly-only arm."""
 
@@ -217,3 +203,11 @@ class _Frozen:
 
     def learn(self, events: Events) -> None:
         """Deliberately ignores events."""
+
+
+class _Streaming(_Frozen):
+    """The stream's arm: each chunk goes into the users' histories and is learned from."""
+
+    def learn(self, events: Events) -> None:
+        self.scorer.learn(events)
+        self.scorer.observe(events)
