@@ -135,16 +135,20 @@ class UserRows:
 
 
 # Per key (a user's seen set): its last ARGV[2] members with a score below ARGV[1]
-# ("(ms", or "+inf"), newest first, as a count and then member, score, member, score...
+# ("(ms", or "+inf"), oldest first; returned as three arrays: the count per key, then
+# every key's members, then their scores (flat arrays parse in bulk on this side).
 _HISTORIES_LUA = """
-local out, n = {}, tonumber(ARGV[2])
-for _, key in ipairs(KEYS) do
+local counts, members, scores, n = {}, {}, {}, tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
   local r = redis.call('ZRANGE', key, ARGV[1], '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, n,
                        'WITHSCORES')
-  out[#out + 1] = #r / 2
-  for j = 1, #r do out[#out + 1] = r[j] end
+  counts[i] = #r / 2
+  for j = #r - 1, 1, -2 do
+    members[#members + 1] = r[j]
+    scores[#scores + 1] = r[j + 1]
+  end
 end
-return out
+return {counts, members, scores}
 """
 _HISTORY_KEYS_PER_CALL = 4096
 
@@ -427,17 +431,17 @@ class UserStore:
             raise PublishError(f"redis: {exc}") from exc
 
 
-def _unpack_histories(flat: list[Any]) -> list[Recent]:
-    """``_HISTORIES_LUA``'s reply: per key a count, then that many (member, score) pairs,
-    newest first; returned oldest first."""
-    out: list[Recent] = []
-    at = 0
-    while at < len(flat):
-        n = int(flat[at])
-        pairs = flat[at + 1: at + 1 + 2 * n]
-        at += 1 + 2 * n
-        out.append(([m.decode() for m in pairs[-2::-2]], [int(float(t)) for t in pairs[::-2]]))
-    return out
+def _unpack_histories(reply: list[Any]) -> list[Recent]:
+    """``_HISTORIES_LUA``'s reply as (item ids, times in ms) per key, oldest first."""
+    counts, members, scores = reply
+    try:  # numpy decodes ASCII ids in bulk; anything else one by one
+        items = np.array(members, dtype=bytes).astype(str).tolist() if members else []
+    except UnicodeDecodeError:
+        items = [m.decode() for m in members]
+    ts = np.array(scores, dtype=bytes).astype(np.float64).astype(np.int64).tolist() \
+        if scores else []
+    ends = np.cumsum(counts).tolist()
+    return [(items[hi - c:hi], ts[hi - c:hi]) for c, hi in zip(counts, ends, strict=True)]
 
 
 def _recent(reply: list[tuple[bytes, float]]) -> Recent:
