@@ -45,6 +45,7 @@ class FilePublisher:
         self._lock = threading.Lock()
         self._seq: dict[str, int] = {}
         self._seen: dict[str, dict[str, int]] | None = None  # user -> item -> first time
+        self._unsaved: list[Interactions] = []  # written histories no delta file holds yet
 
     def _dir(self, version: str) -> Path:
         return self.root / version / "deltas"
@@ -57,12 +58,15 @@ class FilePublisher:
         return self._seq[version]
 
     def publish_delta(self, delta: Delta) -> None:
+        with self._lock:
+            unsaved = list(self._unsaved)
+        seen = unsaved + ([delta.seen] if delta.seen is not None else [])
         data = npz_bytes(
             user_ids=np.asarray(delta.user_ids, dtype=str),
             user_vectors=delta.user_vectors.astype(np.float32),
             item_ids=np.asarray(delta.item_ids, dtype=str),
             item_vectors=delta.item_vectors.astype(np.float32),
-            **_seen_arrays(delta.seen),
+            **_seen_arrays(seen),
             meta=np.asarray(json.dumps({
                 "offsets": {str(p): o for p, o in delta.offsets.items()},
                 "max_event_ts_ms": delta.max_event_ts_ms, "step": delta.step})))
@@ -74,14 +78,16 @@ class FilePublisher:
                 raise PublishError(f"cannot write delta {path}: {exc}") from exc
             if delta.seen is not None:
                 self._add_seen(delta.seen)
+            del self._unsaved[:len(unsaved)]
 
     # -- histories: the seen sets' semantics (item -> first time), kept in memory ------------
 
     def write_history(self, seen: Interactions) -> None:
-        """In memory only: what a delta carries is durable with it, and a restart replays
-        the rest (the histories are rebuilt from the deltas on first use)."""
+        """In memory, and into the next delta's file: durable with it (a restart before it
+        replays the step; the histories are rebuilt from the delta files on first use)."""
         with self._lock:
             self._add_seen(seen)
+            self._unsaved.append(seen)
 
     def histories(self, user_ids: list[str], max_len: int,
                   before_ms: int | None = None) -> list[History]:
@@ -147,9 +153,9 @@ class FilePublisher:
         return state
 
 
-def _seen_arrays(seen: Interactions | None) -> dict[str, np.ndarray]:
-    if seen is None:
+def _seen_arrays(seen: list[Interactions]) -> dict[str, np.ndarray]:
+    if not seen:
         return {}
-    return {"seen_users": np.asarray(seen.user_ids, dtype=str),
-            "seen_items": np.asarray(seen.item_ids, dtype=str),
-            "seen_ts": np.asarray(seen.ts_ms, dtype=np.int64)}
+    return {"seen_users": np.asarray([u for s in seen for u in s.user_ids], dtype=str),
+            "seen_items": np.asarray([i for s in seen for i in s.item_ids], dtype=str),
+            "seen_ts": np.asarray([t for s in seen for t in s.ts_ms], dtype=np.int64)}

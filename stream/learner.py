@@ -20,6 +20,7 @@ from common.data.events import Events
 from common.infra.settings import Settings
 from common.infra.settings_groups import StreamSettings, TrainSettings
 from common.model.bundle import BatchIds, Features, ModelBundle, encode_examples
+from common.model.history import context_events
 from common.model.replay import ReplayBuffer
 from common.model.training import Trainer, TrainingDivergedError, stream_step_settings
 from common.model.vectors import servable_items, served_item_vectors
@@ -43,7 +44,7 @@ class LearnOutput:
     item_vectors: np.ndarray  # what the index holds (served_item_vectors), float32
     diverged: bool = False  # a chunk's loss was NaN/inf or too large: the rest was skipped
     user_features: np.ndarray | None = None  # int32 packed feature rows of user_ids
-    seen: Interactions | None = None  # the positives learned from
+    seen: Interactions | None = None  # positives the histories still need (none: written)
 
     def delta(self, version: str, offsets: dict[int, int], max_event_ts_ms: int,
               step: int) -> Delta:
@@ -97,7 +98,7 @@ class StreamLearner:
         positives = events.sorted_by_time().positives(self.ts.rating_threshold)
         if len(positives) + len(self.replay) < 2:  # a softmax over one candidate: nothing
             return self._output(len(events), 0, float("nan"), _NO_ROWS, _NO_ROWS, False)
-        self._remember(positives)
+        remembered = self._remember(positives)
         ids = BatchIds.of(positives)
         was_cold = self.bundle.item_vocab.lookup(ids.items.values) == COLD_ROW
         self.bundle.observe(positives, ids)
@@ -130,23 +131,29 @@ class StreamLearner:
                            np.unique(np.concatenate(items)), diverged,
                            self._cold_items(positives.item_id[:applied]),
                            int(events.ts_ms.max()))
+        if remembered:  # already in the histories: the delta need not write them again
+            return out
         seen = Interactions(_strings(positives.user_id[:applied]),
                             _strings(positives.item_id[:applied]),
                             positives.ts_ms[:applied].tolist())
         return replace(out, seen=seen)
 
-    def _remember(self, positives: Events) -> None:
+    def _remember(self, positives: Events) -> bool:
         """The positives into their users' histories before any learning, so the next
-        answer of the recall API reads them (it runs the user tower on the history)."""
+        answer of the recall API reads them (it runs the user tower on the history).
+        False when they are not written: the step's delta then carries them, with the
+        delta's retries."""
         if self.histories is None or len(positives) == 0:
-            return
+            return False
         try:
             self.histories.write_history(Interactions(
                 _strings(positives.user_id), _strings(positives.item_id),
                 positives.ts_ms.tolist()))
-        except PublishError as exc:  # the step's delta carries them again, with retries
+        except PublishError as exc:
             log.warning("history write failed; the delta will carry it",
                         extra={"error": str(exc)})
+            return False
+        return True
 
     def _context(self, positives: Events) -> Events | None:
         """The stored histories of the step's users, older than the step's first positive
@@ -163,11 +170,10 @@ class StreamLearner:
             log.warning("histories unreadable; learning from the step's events alone",
                         extra={"error": str(exc)})
             return None
-        u = [user for user, (items, _) in zip(users, found, strict=True) for _ in items]
-        i = [item for items, _ in found for item in items]
-        t = [ts for _, stamps in found for ts in stamps]
-        return Events.from_columns(event_id=[""] * len(u), user_id=u, item_id=i, ts_ms=t,
-                                   event_type=["click"] * len(u))
+        return context_events(
+            [user for user, (items, _) in zip(users, found, strict=True) for _ in items],
+            [item for items, _ in found for item in items],
+            [ts for _, stamps in found for ts in stamps])
 
     def _cold_items(self, item_ids: np.ndarray) -> list[str]:
         """The batch's items still on the shared cold row that have side features: their

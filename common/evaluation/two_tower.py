@@ -13,13 +13,11 @@ import numpy as np
 from common.data.dataset import Dataset
 from common.data.events import DAY_MS, Events, parse_day
 from common.model.bundle import Features, ModelBundle, encode_examples
-from common.model.history import UserHistories
-from common.model.prior import popularity_prior
+from common.model.history import UserHistories, context_events
 from common.model.registry import Registry
 from common.model.replay import ReplayBuffer
 from common.model.training import Trainer
-from common.model.vectors import item_vectors, user_histories, user_vectors
-from common.model.vocab import COLD_ROW
+from common.model.vectors import item_prior, item_vectors, user_histories, user_vectors
 
 
 class TwoTowerScorer:
@@ -52,12 +50,9 @@ class TwoTowerScorer:
         history = user_histories(self.bundle, self.histories, users, self.now_ms)
         vecs = user_vectors(self.bundle, self.features, users, history)
         scores = (vecs @ self._items.T).numpy()
-        cfg = self.bundle.model.cfg
-        if cfg.prior_beta > 0:  # as the served index scores: cosine + beta * prior
-            prior = popularity_prior(self.bundle.item_pop[self._rows], self.now_ms,
-                                     cfg.prior_half_life_days)
-            prior[self._rows == COLD_ROW] = 0.0
-            scores += np.float32(cfg.prior_beta) * prior.astype(np.float32)
+        beta = self.bundle.model.cfg.prior_beta
+        if beta > 0:  # as the served index scores: cosine + beta * prior
+            scores += np.float32(beta) * item_prior(self.bundle, self._rows, self.now_ms)
         return scores
 
     def observe(self, events: Events) -> None:
@@ -96,10 +91,8 @@ class TwoTowerScorer:
     def _context(self, positives: Events) -> Events | None:
         if self.bundle.model.cfg.history_len == 0:
             return None
-        users, items, ts = self.histories.context(positives.user_id,
-                                                  int(positives.ts_ms.min()))
-        return Events.from_columns(event_id=[""] * len(users), user_id=users, item_id=items,
-                                   ts_ms=ts, event_type=["click"] * len(users))
+        return context_events(*self.histories.context(positives.user_id,
+                                                      int(positives.ts_ms.min())))
 
 
 class ChampionScorer:

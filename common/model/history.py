@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.data.events import Events
+
 HOUR_MS = 3_600_000
 
 
@@ -156,3 +158,12 @@ class UserHistories:
         out._items = {u: deque(v, maxlen=self.max_len) for u, v in self._items.items()}
         out._ts = {u: deque(v, maxlen=self.max_len) for u, v in self._ts.items()}
         return out
+
+
+def context_events(user_ids: Sequence[str], item_ids: Sequence[str],
+                   ts_ms: Sequence[int]) -> Events:
+    """Stored positives as events, to give a training set's first examples the history
+    before it (``encode_examples(..., context=...)``)."""
+    n = len(user_ids)
+    return Events.from_columns(event_id=[""] * n, user_id=user_ids, item_id=item_ids,
+                               ts_ms=ts_ms, event_type=["click"] * n)

@@ -15,6 +15,7 @@ from common.infra.settings_groups import StreamSettings, TrainSettings
 from common.model.bundle import Examples, Features, ModelBundle
 from common.model.losses import inbatch_softmax_loss, pointwise_bce_loss
 from common.model.towers import RowGrad
+from common.model.vectors import encode_rows
 from common.model.vocab import COLD_ROW
 
 Mode = Literal["full", "embedding"]
@@ -143,27 +144,30 @@ class Trainer:
             rows = torch.arange(done, n)
             feat = feat_of[rows]
             feat[rows == COLD_ROW] = 0
-            parts = [self.bundle.model.item.encode(rows[lo:lo + 65_536],
-                                                   *self.features.items.gather(
-                                                       feat[lo:lo + 65_536]))
-                     for lo in range(0, len(rows), 65_536)]
-            grown = torch.cat(parts)
+            grown = encode_rows(self.bundle.model.item, rows, feat, self.features.items.gather)
             self._frozen_items = grown if self._frozen_items is None else \
                 torch.cat([self._frozen_items, grown])
         assert self._frozen_items is not None
         return self._frozen_items
 
-    def _forward_frozen_items(self, ex: Examples) -> _Forward:
-        """``_forward`` for frozen items: only the user rows carry a gradient."""
-        model, ts = self.bundle.model, self.ts
-        b = len(ex)
+    def _targets_and_negatives(self, ex: Examples, n_neg: int
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Item rows and feature rows of the batch's targets, then ``n_neg`` sampled
+        negatives, and the negatives' log sampling probability."""
         item_rows = torch.from_numpy(ex.item_rows)
         item_feat = torch.from_numpy(ex.item_feat)
-        neg_logp = None
-        if ts.random_negatives:
-            neg_rows, neg_logp = self._negatives(ts.random_negatives)
-            item_rows = torch.cat([item_rows, neg_rows])
-            item_feat = torch.cat([item_feat, self._item_feature_rows()[neg_rows]])
+        if not n_neg:
+            return item_rows, item_feat, None
+        neg_rows, neg_logp = self._negatives(n_neg)
+        return (torch.cat([item_rows, neg_rows]),
+                torch.cat([item_feat, self._item_feature_rows()[neg_rows]]), neg_logp)
+
+    def _forward_frozen_items(self, ex: Examples) -> _Forward:
+        """``_forward`` for frozen items: only the user rows carry a gradient."""
+        model = self.bundle.model
+        b = len(ex)
+        item_rows, item_feat, neg_logp = self._targets_and_negatives(ex,
+                                                                     self.ts.random_negatives)
         hist = None
         with torch.no_grad():
             v = model.item.encode(item_rows, *self.features.items.gather(item_feat))
@@ -184,14 +188,8 @@ class Trainer:
             return self._forward_frozen_items(ex)
         model, ts = self.bundle.model, self.ts
         b = len(ex)
-        item_rows = torch.from_numpy(ex.item_rows)
-        item_feat = torch.from_numpy(ex.item_feat)
         n_neg = ts.random_negatives if ts.loss == "inbatch" else ts.pointwise_negatives * b
-        neg_logp = None
-        if n_neg:
-            neg_rows, neg_logp = self._negatives(n_neg)
-            item_rows = torch.cat([item_rows, neg_rows])
-            item_feat = torch.cat([item_feat, self._item_feature_rows()[neg_rows]])
+        item_rows, item_feat, neg_logp = self._targets_and_negatives(ex, n_neg)
         n_items = len(item_rows)
         history = ex.history if model.user.history is not None else None
         if history is not None:

@@ -28,7 +28,7 @@ def user_vectors(bundle: ModelBundle, features: Features, user_ids: Sequence[str
     feat = torch.from_numpy(features.users.rows(user_ids))
     model = bundle.model
     if history is None or model.user.history is None:
-        return _encode(model.user, rows, feat, features.users.gather)
+        return encode_rows(model.user, rows, feat, features.users.gather)
     hist_rows, age_h, mask = history.tensors()
     cat, multi = features.users.gather(feat)
     if model.user.history_vectors:
@@ -49,7 +49,7 @@ def history_item_vectors(bundle: ModelBundle, features: Features, rows: torch.Te
     table = torch.zeros(len(uniq), bundle.model.item.mlp[-1].out_features)
     table[uniq != COLD_ROW] = item_vectors(bundle, features, ids)
     if bool((uniq == COLD_ROW).any()):
-        table[uniq == COLD_ROW] = _encode(bundle.model.item, torch.zeros(1, dtype=torch.long),
+        table[uniq == COLD_ROW] = encode_rows(bundle.model.item, torch.zeros(1, dtype=torch.long),
                                           torch.zeros(1, dtype=torch.long),
                                           features.items.gather)
     return table[inverse]
@@ -70,7 +70,7 @@ def item_vectors(bundle: ModelBundle, features: Features, item_ids: Sequence[str
     """Unit item vectors; unknown items get the cold row plus their side features."""
     rows = torch.from_numpy(bundle.item_vocab.lookup(item_ids))
     feat = torch.from_numpy(features.items.rows(item_ids))
-    return _encode(bundle.model.item, rows, feat, features.items.gather)
+    return encode_rows(bundle.model.item, rows, feat, features.items.gather)
 
 
 def served_item_vectors(bundle: ModelBundle, features: Features, item_ids: Sequence[str],
@@ -79,13 +79,19 @@ def served_item_vectors(bundle: ModelBundle, features: Features, item_ids: Seque
     prior (``prior_beta`` > 0) one more column, the prior at ``now_ms``
     (``common.model.prior``; items on the shared cold row count nothing)."""
     vecs = item_vectors(bundle, features, item_ids).numpy()
-    cfg = bundle.model.cfg
-    if cfg.prior_beta <= 0:
+    if bundle.model.cfg.prior_beta <= 0:
         return vecs
-    rows = bundle.item_vocab.lookup(item_ids)
-    prior = popularity_prior(bundle.item_pop[rows], now_ms, cfg.prior_half_life_days)
+    prior = item_prior(bundle, bundle.item_vocab.lookup(item_ids), now_ms)
+    return np.hstack([vecs, prior[:, None]])
+
+
+def item_prior(bundle: ModelBundle, rows: np.ndarray, now_ms: int) -> np.ndarray:
+    """The popularity prior of item rows at ``now_ms`` (float32; the shared cold row
+    counts nothing): the index's extra column, without ``beta``."""
+    prior = popularity_prior(bundle.item_pop[rows], now_ms,
+                             bundle.model.cfg.prior_half_life_days)
     prior[rows == COLD_ROW] = 0.0
-    return np.hstack([vecs, prior[:, None].astype(np.float32)])
+    return prior.astype(np.float32)
 
 
 def served_queries(cfg: TwoTowerConfig, user_vecs: np.ndarray) -> np.ndarray:
@@ -97,9 +103,10 @@ def served_queries(cfg: TwoTowerConfig, user_vecs: np.ndarray) -> np.ndarray:
     return np.hstack([np.asarray(user_vecs, dtype=np.float32), beta])
 
 
-def _encode(tower: Tower, rows: torch.Tensor, feat: torch.Tensor,
-            gather: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
-            ) -> torch.Tensor:
+def encode_rows(tower: Tower, rows: torch.Tensor, feat: torch.Tensor,
+                gather: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
+                ) -> torch.Tensor:
+    """A tower's unit vectors of ID rows and their feature rows, in chunks."""
     parts = []
     for lo in range(0, len(rows), _CHUNK):
         cat, multi = gather(feat[lo: lo + _CHUNK])
