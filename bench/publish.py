@@ -180,7 +180,10 @@ def index_phase(s: Settings, n: int, dim: int, rng: np.random.Generator) -> dict
             bar.update()
             return value
 
-        item_index = step("write_full", lambda: store.write_full("bench", names, vectors))
+        # The build's nprobe sweep searches with queries of its own (the version's users),
+        # not the ones recall and latency are measured with.
+        tune = data.queries(s.index.tune_queries)
+        item_index = step("write_full", lambda: store.write_full("bench", names, vectors, tune))
         ids = faiss_ids(names)
         step("build_index", lambda: build_index(vectors, ids, s.index))
         step("load", lambda: store.load("bench"))
@@ -203,7 +206,7 @@ def index_phase(s: Settings, n: int, dim: int, rng: np.random.Generator) -> dict
             "item_index_search_p99_ms": harness.percentile(wrapped_ms, 99),
             "index_kind": "ivf" if ivf else "flat", "index_nlist": index.nlist if ivf else None,
             "index_nprobe": index.nprobe if ivf else None, "index_items": int(index.ntotal),
-            "index_nprobe_sweep": sweep}
+            "index_nprobe_sweep": sweep, "index_search": item_index.search_meta}
 
 
 # -- phase 3: the recall API --------------------------------------------------------------

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from common.data.dataset import Dataset
@@ -48,6 +48,7 @@ class VersionInfo:
     users: int
     rebased: bool
     role: str  # champion | previous | withdrawn | ""
+    index_search: dict[str, Any] = field(default_factory=dict)  # nprobe and its sweep
 
 
 class ReleaseControl:
@@ -79,7 +80,8 @@ class ReleaseControl:
             out.append(VersionInfo(
                 v, meta.get("kind", ""), int(meta.get("cutoff_ms", 0)), meta.get("metrics", {}),
                 red.state if red else "no", self.pub.indexes.exists(v),
-                red.users if red else 0, self.pub.users.rebased(v) is not None, role))
+                red.users if red else 0, self.pub.users.rebased(v) is not None, role,
+                self.pub.indexes.search_meta(v) if self.pub.indexes.exists(v) else {}))
         return out
 
     def status(self) -> dict[str, Any]:

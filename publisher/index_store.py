@@ -100,10 +100,12 @@ class IndexStore:
             raise ValueError(f"bad index version name {version!r}")
         return self.root / version
 
-    def write_full(self, version: str, names: Sequence[str], vectors: np.ndarray) -> ItemIndex:
-        """Build and durably write a version from scratch, replacing any earlier attempt."""
+    def write_full(self, version: str, names: Sequence[str], vectors: np.ndarray,
+                   queries: np.ndarray | None = None) -> ItemIndex:
+        """Build and durably write a version from scratch, replacing any earlier attempt
+        (``queries``: a sample of its served user vectors, to choose nprobe with)."""
         target = self._dir(version)
-        item_index = ItemIndex.build(version, names, vectors, self.s)
+        item_index = ItemIndex.build(version, names, vectors, self.s, queries)
         with self._lock:
             self.root.mkdir(parents=True, exist_ok=True)
             leftover = re.compile(rf"\.(staging|trash)-{re.escape(version)}-[0-9a-f]{{32}}")
@@ -141,8 +143,16 @@ class IndexStore:
         }
         kind = "ivf" if isinstance(item_index.index, faiss.IndexIVF) else "flat"
         meta = {"version": item_index.version, "kind": kind, "items": len(item_index),
-                "dim": item_index.dim, "snapshot_seq": seq, "files": files}
+                "dim": item_index.dim, "snapshot_seq": seq, "files": files,
+                "search": item_index.search_meta}
         write_text_atomic(d / "meta.json", json.dumps(meta, indent=1))
+
+    def search_meta(self, version: str) -> dict[str, Any]:
+        """How ``version``'s index searches (kind, lists, nprobe and the sweep that chose
+        it), as its meta.json records it."""
+        meta = self._meta(version)
+        return {"kind": meta.get("kind"), "items": meta.get("items"),
+                **(meta.get("search") or {})}
 
     def _meta(self, version: str) -> dict[str, Any]:
         path = self._dir(version) / "meta.json"
@@ -192,9 +202,14 @@ class IndexStore:
             raise IndexCorruptError(f"item index {version!r}: cannot decode: {exc}") from exc
         if index.ntotal != len(names):
             raise IndexCorruptError(f"{version!r}: {index.ntotal} vectors, {len(names)} names")
+        search = dict(meta.get("search") or {})
         if isinstance(index, faiss.IndexIVF):
-            index.nprobe = nprobe_for(index.nlist, self.s)  # a search knob: today's setting
-        return ItemIndex(version, index, names)
+            # A search knob: a set RECSTREAM_INDEX_IVF_NPROBE overrides the build's sweep.
+            if self.s.ivf_nprobe or "nprobe" not in search:
+                search.update(nprobe=nprobe_for(index.nlist, self.s), nprobe_from="setting"
+                              if self.s.ivf_nprobe else "a quarter of the lists")
+            index.nprobe = int(search["nprobe"])
+        return ItemIndex(version, index, names, search)
 
     def _delta_seqs(self, version: str) -> list[int]:
         d = self._dir(version) / "deltas"

@@ -18,12 +18,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
 
 from common.infra.settings_groups import IndexSettings
 from common.model.freq import stable_hash
+from publisher.index_tuning import tune_nprobe
 
 _TRAIN_SEED = 0
 # FAISS k-means warns (and clusters poorly) with fewer training points per centroid.
@@ -36,10 +38,10 @@ def faiss_ids(names: Sequence[str]) -> np.ndarray:
 
 
 def nprobe_for(nlist: int, s: IndexSettings) -> int:
-    """Lists searched per query: the setting, or (0) a quarter of the lists. Two-tower
-    user vectors sit off the item manifold, so their top-100 spreads over many lists:
-    on trained tower outputs of 125k items (1024 lists) 64 lists found 0.80 of the exact
-    top-100, 128 found 0.90, 256 found 0.95+."""
+    """Lists searched per query when no sweep chose them (``index_tuning``): the setting,
+    or (0) a quarter of the lists. Two-tower user vectors sit off the item manifold, so
+    their top-100 spreads over many lists: on trained tower outputs of 125k items (1024
+    lists) 64 lists found 0.80 of the exact top-100, 128 found 0.90, 256 found 0.95+."""
     return min(s.ivf_nprobe or max(1, nlist // 4), nlist)
 
 
@@ -71,6 +73,7 @@ def _train_ivf(x: np.ndarray, s: IndexSettings) -> faiss.IndexIVFFlat:
     sample = x if n <= s.train_sample else x[np.sort(rng.choice(n, s.train_sample, False))]
     nlist = max(1, min(s.ivf_nlist or auto_nlist(n), len(sample) // _MIN_POINTS_PER_LIST))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = s.ivf_train_iters
     index.train(sample)
     # A hashtable direct map lets remove_ids and reconstruct find an id without a scan.
     index.set_direct_map_type(faiss.DirectMap.Hashtable)
@@ -130,14 +133,29 @@ class ItemIndex:
     version: str
     index: faiss.Index
     names: dict[int, str] = field(default_factory=dict)
+    # How the IVF search knob was set (meta.json's "search"): nprobe and where it came from.
+    search_meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, version: str, names: Sequence[str], vectors: np.ndarray,
-              s: IndexSettings) -> ItemIndex:
-        """A fresh index of ``names`` and their vectors."""
+              s: IndexSettings, queries: np.ndarray | None = None) -> ItemIndex:
+        """A fresh index of ``names`` and their vectors. On an IVF index without a set
+        ``ivf_nprobe``, ``queries`` (a sample of the version's served user vectors) choose
+        nprobe by a recall sweep (``index_tuning``)."""
         ids = faiss_ids(names)
         name_map = _checked_names(ids, names, {})
-        return cls(version, build_index(vectors, ids, s), name_map)
+        index = build_index(vectors, ids, s)
+        search: dict[str, Any] = {}
+        if isinstance(index, faiss.IndexIVF):
+            search = {"nprobe": int(index.nprobe), "nprobe_from": "setting" if s.ivf_nprobe
+                      else "a quarter of the lists (no queries to sweep with)"}
+            if not s.ivf_nprobe and queries is not None and len(queries):
+                keep = _last_occurrences(ids)
+                search = tune_nprobe(index, checked_vectors(vectors, len(ids))[keep],
+                                     ids[keep], checked_vectors(queries, len(queries),
+                                                                index.d), s.target_recall)
+            search["nlist"] = int(index.nlist)
+        return cls(version, index, name_map, search)
 
     @property
     def dim(self) -> int:
@@ -187,7 +205,8 @@ class ItemIndex:
 
     def copy(self) -> ItemIndex:
         """An independent deep copy."""
-        return ItemIndex(self.version, faiss.clone_index(self.index), dict(self.names))
+        return ItemIndex(self.version, faiss.clone_index(self.index), dict(self.names),
+                         dict(self.search_meta))
 
 
 class DoubleBufferedIndex:

@@ -31,6 +31,7 @@ from common.model.bundle import Features, ModelBundle
 from common.model.vectors import servable_items, served_item_vectors
 from publisher.base import Delta, History, Interactions, PublishError
 from publisher.index_store import IndexStore
+from publisher.index_tuning import query_sample
 from publisher.item_index import ItemIndex
 from publisher.redis_users import COMPLETE, UserStore
 
@@ -80,8 +81,12 @@ class RedisFaissPublisher:
         t0 = time.perf_counter()
         items = servable_items(bundle, features,
                                sorted(set(map(str, catalog)) | set(bundle.item_vocab.ids)))
+        seen = None if history is None else (history.user_ids, history.item_ids,
+                                             history.ts_ms)
         self.indexes.write_full(version, items,
-                                served_item_vectors(bundle, features, items, cutoff_ms))
+                                served_item_vectors(bundle, features, items, cutoff_ms),
+                                query_sample(bundle, features, self.indexes.s.tune_queries,
+                                             cutoff_ms, seen))
         t1 = time.perf_counter()
         user_ids = bundle.user_vocab.ids
         weight = bundle.model.user.ids.weight.numpy()

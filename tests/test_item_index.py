@@ -92,6 +92,37 @@ def test_ivf_above_exact_max_items_keeps_recall_at_100() -> None:
     assert recall >= 0.95
 
 
+def test_the_build_sweeps_nprobe_to_the_fewest_lists_that_reach_the_target_recall(
+        tmp_path: Path) -> None:
+    s = IndexSettings(exact_max_items=1000, target_recall=0.95)
+    x = clustered_vectors(20_400, DIM, clusters=200, spread=1.2, seed=3)
+    items, tune, held_out = x[:20_000], x[20_000:20_200], x[20_200:]
+    store = IndexStore(tmp_path, s)
+    built = store.write_full("v1", names_of(20_000), items, tune)
+    search = built.search_meta
+    assert search["nprobe_from"] == "sweep" and search["nprobe"] == built.index.nprobe
+    tried = [t["recall_at_100"] for t in search["tried"]]
+    # The first value of the ladder that reaches the target, and no earlier one did.
+    assert tried[-1] >= 0.95 and all(r < 0.95 for r in tried[:-1])
+    assert search["nprobe"] < built.index.nlist // 4  # fewer than the old quarter rule
+    exact = faiss.IndexFlatIP(DIM)
+    exact.add(items)
+    _, truth = exact.search(held_out, 100)
+    found = result_names(built.search(held_out, 100))
+    recall = np.mean([len({f"item{j}" for j in t} & set(f)) / 100
+                      for t, f in zip(truth, found, strict=True)])
+    assert recall >= 0.93, "queries the sweep did not see find about as much"
+    # Kept in meta.json: a reload (serving, the stream) searches as many lists, unless the
+    # operator sets RECSTREAM_INDEX_IVF_NPROBE, which wins.
+    loaded, _ = IndexStore(tmp_path, s).load("v1")
+    assert loaded.index.nprobe == search["nprobe"] and loaded.search_meta == search
+    forced, _ = IndexStore(tmp_path, IndexSettings(exact_max_items=1000, ivf_nprobe=7)).load("v1")
+    assert forced.index.nprobe == 7 and forced.search_meta["nprobe_from"] == "setting"
+    # Without queries to sweep with, the quarter rule stands.
+    plain = ItemIndex.build("v2", names_of(20_000), items, s)
+    assert plain.index.nprobe == plain.index.nlist // 4
+
+
 @pytest.mark.parametrize("settings", [IndexSettings(), EXHAUSTIVE_IVF], ids=["flat", "ivf"])
 def test_apply_replaces_moved_items_and_adds_new_ones(settings: IndexSettings) -> None:
     items = dict(zip(names_of(3000), unit_vectors(3000), strict=True))

@@ -187,6 +187,8 @@ def test_status_reports_release_aliases_memory_and_versions(home: Home) -> None:
     assert info["version"] == champion and info["role"] == "champion"
     assert info["published"] == "complete" and info["index"] and info["users"] > 0
     assert info["metrics"] == {GATE: 0.3}
+    # How its index searches (a small catalogue: exact, so there is no nprobe to sweep).
+    assert info["index_search"]["kind"] == "flat" and info["index_search"]["items"] > 0
 
 
 def test_versions_lists_every_version_with_its_role(home: Home) -> None:

@@ -214,8 +214,16 @@ class IndexSettings(_Group):
     exact_max_items: int = Field(100_000, ge=1)
     ivf_nlist: int = Field(0, ge=0, description="IVF lists; 0 = about 4 x sqrt(items), at "
                            "most train_sample / 39")
-    ivf_nprobe: int = Field(0, ge=0, description="lists searched per query; 0 = a quarter "
-                            "of the lists (see README: two-tower queries need many)")
+    ivf_nprobe: int = Field(0, ge=0, description="lists searched per query; 0 = the fewest "
+                            "that find target_recall of the exact top-100 for a sample of "
+                            "the version's users, measured at its build")
+    target_recall: float = Field(0.95, gt=0, le=1, description="recall@100 against exact "
+                                 "search that the build's nprobe sweep asks for")
+    tune_queries: int = Field(200, ge=0, description="users whose served vectors the sweep "
+                              "searches with (0 = no sweep: a quarter of the lists)")
+    ivf_train_iters: int = Field(10, ge=1, description="k-means iterations of the IVF "
+                                 "quantiser (FAISS' default 25 took twice as long at 1M items "
+                                 "for the same recall at the same nprobe)")
     train_sample: int = Field(100_000, ge=1000, description="vectors the IVF quantiser is "
                               "trained on")
     snapshot_every_deltas: int = Field(
