@@ -10,7 +10,7 @@ choice, its measured recall and the ladder tried go into the index's meta.json (
 ``recstream publisher status``).
 
 >>> ladder(64)
-[8, 12, 16, 24, 32, 48, 64]
+[8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64]
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ K = 100  # the recall@K the sweep targets: the recall API's usual candidate coun
 
 
 def ladder(nlist: int) -> list[int]:
-    """nprobe values to try: powers of two and the halfway points between, up to nlist."""
+    """nprobe values to try, up to nlist: steps of about a quarter of a power of two
+    (search time grows with nprobe; on 1M items 256 lists found 0.940, 384 found 0.965,
+    so a coarser ladder would pay 20 % more time than the target needs)."""
     out = {nlist}
     p = 8
     while p < nlist:
-        out |= {p, p * 3 // 2}
+        out |= {p, p * 5 // 4, p * 3 // 2, p * 7 // 4}
         p *= 2
     return sorted(v for v in out if v <= nlist)
 
