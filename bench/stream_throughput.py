@@ -56,7 +56,7 @@ from common.infra.shutdown import StopFlag
 from publisher.control import ReleaseControl
 from publisher.redis_faiss import RedisFaissPublisher
 from stream.consumer import TrainerConsumer
-from stream.daemon import make_publisher
+from stream.daemon import make_publisher, settle_heap
 
 _FRESH_TO = {"redis": "Redis + FAISS delta log", "files": "the file publisher hand-off"}
 TIMEOUT_S = 900.0  # for any one wait on the trainer; a stuck run fails instead of hanging
@@ -127,6 +127,7 @@ class TrainerThread:
         self.trainer = TrainerConsumer.from_settings(settings, dataset, make_publisher(settings),
                                                      settings.kafka.bootstrap, stop=self.stop)
         self.trainer.start()
+        settle_heap()  # as the daemon does once started
         self.first_record_at: float | None = None
         self.error: BaseException | None = None
         receive = self.trainer.feed.receive
