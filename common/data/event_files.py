@@ -104,7 +104,7 @@ def read_csv_strings(path: Path, bad: BadRows, delimiter: str = ",") -> pa.Table
     return pcsv.read_csv(
         path, parse_options=pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=malformed),
         convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in header},
-                                            strings_can_be_null=True))
+                                            strings_can_be_null=True, null_values=[""]))
 
 
 def csv_header(path: Path, delimiter: str = ",") -> list[str]:

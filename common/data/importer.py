@@ -225,7 +225,7 @@ def _csv_blocks(path: Path, wanted: list[str], delimiter: str, bad: BadRows
         path, read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES), parse_options=parse,
         convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in present},
                                             include_columns=present,
-                                            strings_can_be_null=True))
+                                            strings_can_be_null=True, null_values=[""]))
     for batch in reader:
         yield pa.Table.from_batches([batch])
 
