@@ -49,7 +49,7 @@ def clean_events(table: pa.Table, columns: Mapping[str, str], where: str, row0: 
     rejected = np.zeros(n, dtype=bool)
     user_c, item_c, ts_c = col("user_id"), col("item_id"), col("ts")
     assert user_c and item_c and ts_c
-    users, items = as_strings(table[user_c]), as_strings(table[item_c])
+    users, items = as_strings(table[user_c], True), as_strings(table[item_c], True)
     u_missing, u_long = id_problems(users)
     i_missing, i_long = id_problems(items)
     ts_raw = table[ts_c]
@@ -71,7 +71,7 @@ def clean_events(table: pa.Table, columns: Mapping[str, str], where: str, row0: 
     else:
         values = np.full(n, np.nan)
     type_c = col("event_type")
-    types = (as_strings(table[type_c]) if type_c is not None
+    types = (as_strings(table[type_c], True) if type_c is not None
              else pa.nulls(n, pa.string()))
     out = {"user_id": users, "item_id": items,
            "ts": pa.array(ts_ms, pa.int64()).cast(pa.timestamp("ms", "UTC")),
@@ -128,46 +128,58 @@ def to_events(tables: list[pa.Table], name: str, rule: PositiveRule,
         raise ContractError(f"data set {name!r} counts positives as {rule.text()!r}, but "
                             f"train.rating_threshold is {rating_threshold:g}: set "
                             f"RECSTREAM_TRAIN_RATING_THRESHOLD={rule.threshold:g}")
-    table = pa.concat_tables(tables, promote_options="permissive") if tables \
-        else CLEAN_SCHEMA.empty_table()
+    table = _concat(tables)
     n = table.num_rows
-    value = table["value"].to_numpy().astype(np.float32)
+    ts_ms = table["ts"].cast(pa.int64()).to_numpy()
+    # Logs mostly come in time order: then nothing is gathered twice.
+    order = None if n < 2 or bool(np.all(ts_ms[1:] >= ts_ms[:-1])) \
+        else np.argsort(ts_ms, kind="stable")
+    value = _in_order(table["value"].to_numpy().astype(np.float32), order)
     labels = np.array([CLICK, RATING, IMPRESSION], dtype=object)
     if rule.threshold is not None:
         code = np.where(np.isfinite(value), 1, 2)
     elif rule.types is not None:
-        is_pos = pc.fill_null(pc.is_in(table["event_type"], pa.array(rule.types)), False)
-        code = np.where(is_pos.to_numpy(zero_copy_only=False), 0, 2)
+        is_pos = pc.fill_null(pc.is_in(_plain(table["event_type"]), pa.array(rule.types)),
+                              False)
+        code = np.where(_in_order(is_pos.to_numpy(zero_copy_only=False), order), 0, 2)
     else:
         code = np.zeros(n, dtype=np.int64)
     # Events without an id get "<name>-<row>" (row: position in the data set's files).
-    made = pc.binary_join_element_wise(f"{name}-", pa.array(np.arange(n)).cast(pa.string()),
-                                       "")
+    rows = pa.array(np.arange(n) if order is None else order)
+    made = pc.binary_join_element_wise(f"{name}-", rows.cast(pa.string()), "")
     if "event_id" in table.column_names:
-        given = table["event_id"].combine_chunks()
-        event_id = _unique_objects(pc.coalesce(given, made) if given.null_count else given)
+        given = _plain(table["event_id"])
+        given = given if order is None else given.take(rows)
+        event_id = pc.coalesce(given, made) if given.null_count else given
     else:
-        event_id = _unique_objects(made)
-    ts_ms = table["ts"].cast(pa.int64()).to_numpy()
-    events = Events(event_id, _objects(table["user_id"]), _objects(table["item_id"]),
-                    labels[code], value, ts_ms)
-    return events.sorted_by_time()
+        event_id = made
+    return Events(_objects(event_id, None), _objects(table["user_id"], order),
+                  _objects(table["item_id"], order), labels[code], value,
+                  _in_order(ts_ms, order))
 
 
-def _objects(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Strings → an object array that shares one str per distinct value (dictionary
-    encoding first: 10M events of 1M users make 1M strings, not 10M)."""
-    encoded = pc.dictionary_encode(arr)
-    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
-    if not chunks:
-        return np.array([], dtype=object)
-    out = []
-    for chunk in chunks:
-        words = np.asarray(chunk.dictionary.to_pylist(), dtype=object)
-        out.append(words[chunk.indices.to_numpy(zero_copy_only=False)])
-    return np.concatenate(out) if out else np.array([], dtype=object)
+def _in_order(values: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    return values if order is None else values[order]
 
 
-def _unique_objects(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Strings that are (nearly) all distinct: no dictionary to share."""
-    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=object)
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    if not tables:
+        return CLEAN_SCHEMA.empty_table()
+    if all(t.schema.equals(tables[0].schema) for t in tables):
+        return pa.concat_tables(tables)
+    # Files of different kinds (a dictionary column from Parquet, plain from CSV): plain.
+    plain = [pa.table({c: _plain(t[c]) for c in t.column_names}) for t in tables]
+    return pa.concat_tables(plain, promote_options="permissive")
+
+
+def _plain(arr: pa.ChunkedArray) -> pa.ChunkedArray:
+    return arr.cast(arr.type.value_type) if pa.types.is_dictionary(arr.type) else arr
+
+
+def _objects(arr: pa.ChunkedArray | pa.Array, order: np.ndarray | None) -> np.ndarray:
+    """Strings → an object array (in ``order``). One str per row: at 10M events this is
+    ~0.7 s a column, where sharing one str per distinct id through a dictionary took 3 s
+    (hashing 10M strings) for a saving of memory only."""
+    values = _plain(arr if isinstance(arr, pa.ChunkedArray) else pa.chunked_array([arr]))
+    out = np.asarray(values.to_numpy(zero_copy_only=False), dtype=object)
+    return _in_order(out, order)

@@ -50,15 +50,16 @@ def read_feature_table(path: Path, table_def: TableDef, bad: BadRows) -> Feature
         else:
             columns[f.name] = _lists(raw, f)
     id_list = ids.to_pylist()
-    first: dict[str, int] = {}
     duplicate = np.zeros(len(id_list), dtype=bool)
-    for k, i in enumerate(id_list):
-        if rejected[k]:
-            continue
-        if i in first:
-            duplicate[k] = True
-        else:
-            first[i] = k
+    if pc.count_distinct(ids).as_py() + ids.null_count < len(id_list):  # else none repeats
+        first: dict[str, int] = {}
+        for k, i in enumerate(id_list):
+            if rejected[k]:
+                continue
+            if i in first:
+                duplicate[k] = True
+            else:
+                first[i] = k
     bad.note("duplicate_id", duplicate, rejected, where, 0, table_def.id, ids)
     keep = np.flatnonzero(~rejected)
     specs = tuple(f.spec() for f in table_def.fields)

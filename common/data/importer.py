@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from common.data.validate import BadRows, parse_values
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
-BLOCK_BYTES = 32 << 20
+BLOCK_BYTES = 8 << 20
 JSON_LINES_PER_BLOCK = 200_000
 
 
@@ -141,16 +142,18 @@ def _mapping(opts: ImportOptions) -> dict[str, str]:
 
 def _write_events(files: list[Path], out: Path, opts: ImportOptions, rule: PositiveRule,
                   bad: BadRows) -> int:
+    """Check and write every block; Parquet writes run on a second thread (they release
+    the GIL), overlapping the next block's read and checks."""
     columns = _mapping(opts)
-    writer: pq.ParquetWriter | None = None
+    writer: _BlockWriter | None = None
     n = 0
     try:
         for batch, where, row0 in _batches(files, opts, bad):
             clean = clean_events(batch, columns, where, row0, bad, opts.ts_format)
             if writer is None:
                 _check_rule(rule, clean, where)
-                writer = pq.ParquetWriter(out, clean.schema)
-            writer.write_table(_conform(clean, writer.schema))
+                writer = _BlockWriter(out, clean.schema)
+            writer.put(_conform(clean, writer.schema))
             n += clean.num_rows
     finally:
         if writer is not None:
@@ -158,6 +161,35 @@ def _write_events(files: list[Path], out: Path, opts: ImportOptions, rule: Posit
     if writer is None:
         raise ContractError(f"{files[0]}: no events to import")
     return n
+
+
+class _BlockWriter:
+    """A Parquet file written block by block on its own thread, one block in flight."""
+
+    def __init__(self, out: Path, schema: pa.Schema) -> None:
+        # Plain strings, no compression: dictionary-encoding the ids here cost more than
+        # the CSV read itself, and the loader builds its own dictionaries anyway.
+        self.schema = schema
+        self._writer = pq.ParquetWriter(out, schema, compression="none", write_statistics=False,
+                                        use_dictionary=["event_type", "value"])
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: Future[None] | None = None
+
+    def put(self, table: pa.Table) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self._writer.write_table, table)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown()
+            self._writer.close()
 
 
 def _conform(clean: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -90,10 +90,14 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def as_strings(arr: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
-    """Any column as strings (ids may arrive as integers from Parquet or JSON)."""
+def as_strings(arr: pa.Array | pa.ChunkedArray, keep_dictionary: bool = False
+               ) -> pa.ChunkedArray:
+    """Any column as strings (ids may arrive as integers from Parquet or JSON); with
+    ``keep_dictionary``, a dictionary of strings stays one (no decoding)."""
     arr = arr if isinstance(arr, pa.ChunkedArray) else pa.chunked_array([arr])
     if pa.types.is_dictionary(arr.type):
+        if keep_dictionary and pa.types.is_string(arr.type.value_type):
+            return arr
         arr = arr.cast(arr.type.value_type)
     if pa.types.is_large_string(arr.type) or not pa.types.is_string(arr.type):
         arr = arr.cast(pa.string())
@@ -102,6 +106,12 @@ def as_strings(arr: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
 
 def id_problems(arr: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(missing, too long) masks of an id column: null or empty, over 256 characters."""
+    if pa.types.is_dictionary(arr.type):  # measure each distinct id once
+        parts = [pc.utf8_length(c.dictionary).to_numpy(zero_copy_only=False)[
+            pc.fill_null(c.indices, 0).to_numpy()] * c.is_valid().to_numpy(zero_copy_only=False)
+            if len(c.dictionary) else np.zeros(len(c), dtype=np.int64) for c in arr.chunks]
+        length = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return length == 0, length > MAX_ID_CHARS
     length = pc.fill_null(pc.utf8_length(arr), 0).to_numpy()
     return length == 0, length > MAX_ID_CHARS
 
@@ -129,7 +139,12 @@ def parse_timestamps(arr: pa.Array | pa.ChunkedArray, fmt: str | None = None
         parsed = pc.strptime(strings, format=fmt, unit="ms", error_is_null=True)
         out = pc.fill_null(parsed.cast(pa.int64()), MIN_TS_MS - 1).to_numpy()
         return _in_range(out.astype(np.int64))
-    try:  # the common case, all numbers: one cast, no regex
+    try:  # the common case, all integers: one cast, no regex
+        if strings.null_count == 0:
+            return _epoch_int(strings.cast(pa.int64()).to_numpy())
+    except pa.ArrowInvalid:
+        pass
+    try:  # all numbers
         return _epoch(pc.fill_null(strings.cast(pa.float64()), np.nan).to_numpy())
     except pa.ArrowInvalid:
         pass
@@ -157,6 +172,13 @@ def _epoch(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ok = as_s | as_ms
     out[ok] = np.round(ms[ok]).astype(np.int64)
     return out, ~ok
+
+
+def _epoch_int(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_epoch`` for integers, without a float round trip."""
+    as_s = (values >= MIN_TS_MS // 1000) & (values < MAX_TS_MS // 1000)
+    ms = np.where(as_s, values * 1000, values)
+    return _in_range(ms)
 
 
 def _in_range(ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
