@@ -96,7 +96,13 @@ def _cached(target: Path, source: str, rule: PositiveRule, build: Any) -> Path:
             pass  # unreadable: rewrite it
     dataset: Dataset = build()
     spec = DatasetSpec(dataset.name, {}, rule, TableDef("user_id"), TableDef("item_id"), source)
-    return write_directory(dataset, target, spec)
+    try:
+        return write_directory(dataset, target, spec)
+    except OSError:
+        # Another process wrote the same directory between our check and our rename.
+        if is_dataset_dir(target) and read_spec(target).source == source:
+            return target
+        raise
 
 
 def _code() -> str:
