@@ -235,3 +235,12 @@ def test_every_dataset_flag_takes_a_directory(tmp_path: Path, command: list[str]
     (tmp_path / "dataset.toml").write_text('name = "x"\n')
     args = build_parser().parse_args([*command, "--dataset", str(tmp_path)])
     assert args.dataset == str(tmp_path)
+
+
+def test_given_event_ids_are_kept_and_an_over_long_one_is_a_bad_id(tmp_path: Path) -> None:
+    (tmp_path / "log.csv").write_text("event_id,user_id,item_id,ts\n"
+                                      f"e1,u,i,1709251200\n{'e' * 257},u,i,1709251201\n"
+                                      ",u,i,1709251202\n")
+    report = import_events(tmp_path / "log.csv", tmp_path / "ds", ImportOptions(name="shop"))
+    assert report.bad.counts == {"bad_id": 1}
+    assert read_directory(tmp_path / "ds")[0].events.event_id.tolist() == ["e1", "shop-1"]

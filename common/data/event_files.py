@@ -81,6 +81,9 @@ def clean_events(table: pa.Table, columns: Mapping[str, str], where: str, row0: 
         c = col(extra)
         if c is not None:
             out[extra] = as_strings(table[c])
+    if "event_id" in out:  # a missing one is made up (to_events); a long one is bad
+        bad.note("bad_id", id_problems(out["event_id"])[1], rejected, where, row0,
+                 col("event_id") or "event_id", out["event_id"])
     clean = pa.table(out)
     return clean.filter(pa.array(~rejected)) if rejected.any() else clean
 
@@ -144,7 +147,8 @@ def to_events(tables: list[pa.Table], name: str, rule: PositiveRule,
         code = np.where(_in_order(is_pos.to_numpy(zero_copy_only=False), order), 0, 2)
     else:
         code = np.zeros(n, dtype=np.int64)
-    # Events without an id get "<name>-<row>" (row: position in the data set's files).
+    # Events without an id get "<name>-<row>", row: its place among the loaded events in
+    # file order (bad rows left out), so the same files always give the same ids.
     rows = pa.array(np.arange(n) if order is None else order)
     made = pc.binary_join_element_wise(f"{name}-", rows.cast(pa.string()), "")
     if "event_id" in table.column_names:
