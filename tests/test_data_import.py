@@ -244,3 +244,12 @@ def test_given_event_ids_are_kept_and_an_over_long_one_is_a_bad_id(tmp_path: Pat
     report = import_events(tmp_path / "log.csv", tmp_path / "ds", ImportOptions(name="shop"))
     assert report.bad.counts == {"bad_id": 1}
     assert read_directory(tmp_path / "ds")[0].events.event_id.tolist() == ["e1", "shop-1"]
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_row_not_a_failed_import(tmp_path: Path) -> None:
+    (tmp_path / "log.csv").write_bytes(b"user_id,item_id,ts\nu1,i1,1709251200\n"
+                                       b"caf\xe9,i1,1709251201\nu2,i\xff,1709251202\n"
+                                       b"u3,i3,1709251203\n")
+    report = import_events(tmp_path / "log.csv", tmp_path / "ds")
+    assert report.bad.counts == {"bad_encoding": 2} and report.events == 2
+    assert "row 2, column 'user_id'" in report.bad.examples["bad_encoding"]

@@ -20,7 +20,14 @@ import pyarrow.parquet as pq
 
 from common.data.contract import REQUIRED_EVENT_FIELDS, ContractError, PositiveRule
 from common.data.events import CLICK, RATING, Events
-from common.data.validate import BadRows, as_strings, id_problems, parse_timestamps, parse_values
+from common.data.validate import (
+    BadRows,
+    as_strings,
+    decode_text,
+    id_problems,
+    parse_timestamps,
+    parse_values,
+)
 from common.data.wire import IMPRESSION
 
 # The columns of a clean event table, as the importer writes them (ts as a timestamp).
@@ -47,6 +54,7 @@ def clean_events(table: pa.Table, columns: Mapping[str, str], where: str, row0: 
 
     n = table.num_rows
     rejected = np.zeros(n, dtype=bool)
+    table = decode_text(table, where, row0, bad, rejected)
     user_c, item_c, ts_c = col("user_id"), col("item_id"), col("ts")
     assert user_c and item_c and ts_c
     users, items = as_strings(table[user_c], True), as_strings(table[item_c], True)
@@ -96,8 +104,8 @@ def read_event_file(path: Path, columns: Mapping[str, str], bad: BadRows,
 
 
 def read_csv_strings(path: Path, bad: BadRows, delimiter: str = ",") -> pa.Table:
-    """A CSV file with every column read as strings (the checks parse them); a line with
-    the wrong number of fields is counted as ``malformed_row``."""
+    """A CSV file with every column read as bytes (``decode_text`` makes them strings, the
+    checks parse them); a line with the wrong number of fields is ``malformed_row``."""
     def malformed(row: pcsv.InvalidRow) -> str:
         bad.add("malformed_row", 1, f"{path}: {row.actual_columns} fields where the header "
                                     f"has {row.expected_columns}: {row.text[:60]!r}")
@@ -106,7 +114,7 @@ def read_csv_strings(path: Path, bad: BadRows, delimiter: str = ",") -> pa.Table
     header = csv_header(path, delimiter)
     return pcsv.read_csv(
         path, parse_options=pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=malformed),
-        convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in header},
+        convert_options=pcsv.ConvertOptions(column_types={c: pa.binary() for c in header},
                                             strings_can_be_null=True, null_values=[""]))
 
 

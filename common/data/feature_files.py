@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from common.data.contract import ContractError, FieldDef, TableDef
 from common.data.event_files import read_csv_strings
 from common.data.tables import FeatureTable
-from common.data.validate import BadRows, as_strings, id_problems, parse_values
+from common.data.validate import BadRows, as_strings, decode_text, id_problems, parse_values
 
 _TOKEN = re.compile(r"\w+")
 
@@ -33,6 +33,7 @@ def read_feature_table(path: Path, table_def: TableDef, bad: BadRows) -> Feature
         raise ContractError(f"{where}: no column(s) {', '.join(map(repr, missing))}; columns "
                             f"are {', '.join(table.column_names)}")
     rejected = np.zeros(table.num_rows, dtype=bool)
+    table = decode_text(table, where, 0, bad, rejected)
     ids = as_strings(table[table_def.id])
     id_missing, id_long = id_problems(ids)
     bad.note("missing_field", id_missing, rejected, where, 0, table_def.id, None)

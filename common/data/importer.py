@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -33,7 +34,7 @@ from common.data.contract import (
 from common.data.directory import replace_dir
 from common.data.event_files import clean_events, csv_header, read_csv_strings
 from common.data.feature_files import read_feature_table, write_feature_table
-from common.data.validate import BadRows, parse_values
+from common.data.validate import BadRows, decode_text, parse_values
 
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -255,7 +256,7 @@ def _csv_blocks(path: Path, wanted: list[str], delimiter: str, bad: BadRows
     present = [c for c in wanted if c in header]
     reader = pcsv.open_csv(
         path, read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES), parse_options=parse,
-        convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in present},
+        convert_options=pcsv.ConvertOptions(column_types={c: pa.binary() for c in present},
                                             include_columns=present,
                                             strings_can_be_null=True, null_values=[""]))
     for batch in reader:
@@ -313,7 +314,9 @@ def _copy_table(path: Path | None, out: Path, id_col: str, default_id: str,
     if path.suffix in PARQUET_SUFFIXES:
         raw = pq.read_table(path)
     else:
-        raw = read_csv_strings(path, BadRows())  # malformed rows are counted below
+        # Only to infer kinds: its bad rows are counted when the file is read for real.
+        raw = read_csv_strings(path, BadRows())
+        raw = decode_text(raw, str(path), 0, BadRows(), np.zeros(raw.num_rows, dtype=bool))
     id_name = id_col if id_col in raw.column_names else default_id
     if id_name not in raw.column_names:
         raise ContractError(f"{path}: no id column {id_col!r} (columns are "

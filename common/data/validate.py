@@ -26,6 +26,7 @@ from common.data.contract import MAX_ID_CHARS
 BAD_KINDS: dict[str, str] = {
     "malformed_row": "a line that does not split into the header's columns, or a JSON "
                      "line that is not an object",
+    "bad_encoding": "a field of a CSV line that is not UTF-8",
     "missing_field": "user_id, item_id or ts (or a table's id) empty or absent",
     "bad_id": f"an id over {MAX_ID_CHARS} characters",
     "bad_timestamp": "ts not ISO-8601, epoch seconds or milliseconds (or --ts-format), "
@@ -88,6 +89,30 @@ class BadRows:
 def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def decode_text(table: pa.Table, where: str, row0: int, bad: BadRows,
+                rejected: np.ndarray) -> pa.Table:
+    """``table`` with its binary columns (CSV files are read as bytes) as UTF-8 strings; a
+    row with a field that is not UTF-8 is counted ``bad_encoding`` (its field emptied)."""
+    for k, name in enumerate(table.column_names):
+        col = table[name]
+        if not pa.types.is_binary(col.type):
+            continue
+        try:
+            text = col.cast(pa.string())
+        except pa.ArrowInvalid:  # the rare file: find the rows one value at a time
+            decoded, wrong = [], np.zeros(len(col), dtype=bool)
+            for j, raw in enumerate(col.to_pylist()):
+                try:
+                    decoded.append(None if raw is None else raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    decoded.append(None)
+                    wrong[j] = True
+            text = pa.chunked_array([pa.array(decoded, pa.string())])
+            bad.note("bad_encoding", wrong, rejected, where, row0, name, col)
+        table = table.set_column(k, name, text)
+    return table
 
 
 def as_strings(arr: pa.Array | pa.ChunkedArray, keep_dictionary: bool = False
