@@ -33,6 +33,8 @@ def _bad(kind: str, rng: np.random.Generator, k: int) -> dict | None:
     row = _good(rng, k)
     if kind == "malformed_row":
         return None
+    if kind == "bad_encoding":
+        row["user_id"] = f"caf\udce9{k}"  # written as the byte 0xE9: latin-1, not UTF-8
     if kind == "missing_field":
         row[("user_id", "item_id", "ts")[k % 3]] = None
     elif kind == "bad_id":
@@ -44,11 +46,12 @@ def _bad(kind: str, rng: np.random.Generator, k: int) -> dict | None:
     return row
 
 
-def _rows(seed: int = 0) -> tuple[list[dict | None], list[tuple[str, str, int]]]:
+def _rows(kinds: tuple[str, ...], seed: int = 0
+          ) -> tuple[list[dict | None], list[tuple[str, str, int]]]:
     rng = np.random.default_rng(seed)
     rows: list[dict | None] = [_good(rng, k) for k in range(N_GOOD)]
     good = [(r["user_id"], r["item_id"], r["ts"] * 1000) for r in rows if r is not None]
-    for kind in EVENT_KINDS:
+    for kind in kinds:
         rows += [_bad(kind, rng, k) for k in range(N_BAD)]
     order = rng.permutation(len(rows))
     return [rows[k] for k in order], good
@@ -62,7 +65,7 @@ def _csv(rows: list[dict | None], path: Path) -> Path:
         else:
             lines.append(",".join("" if r[c] is None else str(r[c])
                                   for c in ("user_id", "item_id", "ts", "event_type", "value")))
-    path.write_text("\n".join(lines) + "\n")
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
     return path
 
 
@@ -77,14 +80,15 @@ def _jsonl(rows: list[dict | None], path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("write", [_csv, _jsonl])
+@pytest.mark.parametrize("write, kinds", [(_csv, ("bad_encoding", *EVENT_KINDS)),
+                                          (_jsonl, EVENT_KINDS)])
 def test_1000_bad_rows_of_each_kind_are_counted_exactly_and_nothing_good_is_lost(
-        tmp_path: Path, write) -> None:
-    rows, good = _rows()
+        tmp_path: Path, write, kinds: tuple[str, ...]) -> None:
+    rows, good = _rows(kinds)
     source = write(rows, tmp_path / f"log{'.csv' if write is _csv else '.jsonl'}")
     report = import_events(source, tmp_path / "ds", ImportOptions(
         value_col="value", type_col="event_type", positive="event_type in [like]"))
-    assert report.bad.counts == {kind: N_BAD for kind in EVENT_KINDS}
+    assert report.bad.counts == {kind: N_BAD for kind in kinds}
     assert report.events == N_GOOD
     ds, bad = read_directory(tmp_path / "ds")
     assert bad.total == 0
