@@ -143,42 +143,47 @@ def _mapping(opts: ImportOptions) -> dict[str, str]:
 
 def _write_events(files: list[Path], out: Path, opts: ImportOptions, rule: PositiveRule,
                   bad: BadRows) -> int:
-    """Check and write every block; Parquet writes run on a second thread (they release
-    the GIL), overlapping the next block's read and checks."""
-    columns = _mapping(opts)
-    writer: _BlockWriter | None = None
-    n = 0
+    """Read every block here; check and write it on a second thread (Arrow kernels and
+    Parquet writes release the GIL), so reading block k+1 overlaps block k's checks."""
+    sink = _EventSink(out, _mapping(opts), rule, opts.ts_format, bad)
     try:
         for batch, where, row0 in _batches(files, opts, bad):
-            clean = clean_events(batch, columns, where, row0, bad, opts.ts_format)
-            if writer is None:
-                _check_rule(rule, clean, where)
-                writer = _BlockWriter(out, clean.schema)
-            writer.put(_conform(clean, writer.schema))
-            n += clean.num_rows
+            sink.put(batch, where, row0)
     finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
+        sink.close()
+    if sink.writer is None:
         raise ContractError(f"{files[0]}: no events to import")
-    return n
+    return sink.rows
 
 
-class _BlockWriter:
-    """A Parquet file written block by block on its own thread, one block in flight."""
+class _EventSink:
+    """Blocks checked by ``clean_events`` and appended to one Parquet file, on one worker
+    thread, one block in flight; a worker's error comes out of the next ``put``/``close``."""
 
-    def __init__(self, out: Path, schema: pa.Schema) -> None:
-        # Plain strings, no compression: dictionary-encoding the ids here cost more than
-        # the CSV read itself, and the loader builds its own dictionaries anyway.
-        self.schema = schema
-        self._writer = pq.ParquetWriter(out, schema, compression="none", write_statistics=False,
-                                        use_dictionary=["event_type", "value"])
+    def __init__(self, out: Path, columns: dict[str, str], rule: PositiveRule,
+                 ts_format: str | None, bad: BadRows) -> None:
+        self.out, self.columns, self.rule, self.ts_format, self.bad = \
+            out, columns, rule, ts_format, bad
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending: Future[None] | None = None
 
-    def put(self, table: pa.Table) -> None:
+    def put(self, batch: pa.Table, where: str, row0: int) -> None:
         self._wait()
-        self._pending = self._pool.submit(self._writer.write_table, table)
+        self._pending = self._pool.submit(self._write, batch, where, row0)
+
+    def _write(self, batch: pa.Table, where: str, row0: int) -> None:
+        clean = clean_events(batch, self.columns, where, row0, self.bad, self.ts_format)
+        if self.writer is None:
+            _check_rule(self.rule, clean, where)
+            # Plain strings, no compression: dictionary-encoding the ids here cost more
+            # than the CSV read itself, and the loader makes its own strings anyway.
+            self.writer = pq.ParquetWriter(self.out, clean.schema, compression="none",
+                                           write_statistics=False,
+                                           use_dictionary=["event_type", "value"])
+        self.writer.write_table(_conform(clean, self.writer.schema))
+        self.rows += clean.num_rows
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -190,7 +195,8 @@ class _BlockWriter:
             self._wait()
         finally:
             self._pool.shutdown()
-            self._writer.close()
+            if self.writer is not None:
+                self.writer.close()
 
 
 def _conform(clean: pa.Table, schema: pa.Schema) -> pa.Table:

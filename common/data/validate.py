@@ -14,6 +14,7 @@ print.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,13 +52,16 @@ class BadRows:
 
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, str] = field(default_factory=dict)
+    # The importer's reader (malformed lines) and its checker run on two threads.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, kind: str, n: int, example: str) -> None:
         if n <= 0:
             return
         assert kind in BAD_KINDS, kind
-        self.counts[kind] = self.counts.get(kind, 0) + n
-        self.examples.setdefault(kind, example)
+        with self._lock:
+            self.counts[kind] = self.counts.get(kind, 0) + n
+            self.examples.setdefault(kind, example)
 
     def note(self, kind: str, mask: np.ndarray, rejected: np.ndarray, where: str, row0: int,
              column: str, values: pa.Array | pa.ChunkedArray | None) -> None:
