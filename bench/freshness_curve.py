@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from batch.freshness import CURVE_MODELS, format_curve, freshness_curve  # noqa: E402
+from common.data.datasets import load_dataset  # noqa: E402
 from common.data.events import DAY_MS  # noqa: E402
-from common.data.movielens import load_dataset  # noqa: E402
 from common.infra.atomic import write_text_atomic  # noqa: E402
 from common.infra.settings import load_settings  # noqa: E402
 

@@ -19,8 +19,8 @@ import harness
 
 from batch.evaluation import default_train_before
 from batch.trainer import bootstrap
+from common.data.datasets import load_dataset
 from common.data.events import Events, parse_day
-from common.data.movielens import load_dataset
 from common.evaluation.prequential import prequential_arms
 from common.evaluation.two_tower import TwoTowerScorer
 from common.infra.settings import load_settings

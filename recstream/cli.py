@@ -49,9 +49,44 @@ def _positive_int(text: str) -> int:
     return value
 
 
+DATASET_NAMES = ("ml-100k", "ml-1m", "synthetic")
+
+
+def _dataset_ref(text: str, names: Sequence[str] = DATASET_NAMES) -> str:
+    """A shortcut name, or a data set directory (one holding ``dataset.toml``)."""
+    if text in names or (Path(text) / "dataset.toml").is_file():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(names)}, or a data set directory "
+        f"holding dataset.toml; `recstream data import` makes one)")
+
+
+def _positive_rule(text: str) -> str:
+    from common.data.contract import ContractError, PositiveRule
+
+    try:
+        PositiveRule.parse(text)
+    except ContractError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _field_list(text: str) -> str:
+    from common.data.contract import ContractError
+    from common.data.importer import parse_fields
+
+    try:
+        parse_fields(text, "fields")
+    except (ContractError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m", "synthetic"],
-                   help="data set to read (default: ml-100k, fetched into the cache)")
+    p.add_argument("--dataset", default="ml-100k", type=_dataset_ref, metavar="NAME|DIR",
+                   help="a data set directory (see `recstream data import`) or one of "
+                   "ml-100k, ml-1m, synthetic: shortcuts to a directory in the data cache "
+                   "(default: ml-100k, fetched into the cache)")
     p.add_argument("--path", type=Path, default=None,
                    help="directory with GroupLens' own files (u.data… or ratings.dat…)")
 
@@ -71,11 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_training(sub: argparse._SubParsersAction) -> None:
-    """``data fetch`` and ``train`` (bootstrap or one nightly update)."""
-    data = sub.add_parser("data", help="fetch data sets into the cache")
+    """``data fetch|import|describe`` and ``train`` (bootstrap or one nightly update)."""
+    data = sub.add_parser("data", help="fetch, import and describe data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     fetch = data_sub.add_parser("fetch", help="download a data set into RECSTREAM_DATA_CACHE")
     fetch.add_argument("name", choices=["ml-100k"])
+    _add_import(data_sub)
+    ds = data_sub.add_parser("describe", help="events, users, items, days, positives, "
+                             "popularity concentration and activity per day (JSON)")
+    ds.add_argument("dataset", type=_dataset_ref, metavar="NAME|DIR")
+    ds.add_argument("--json", type=Path, default=None, help="also write the figures here")
 
     train = sub.add_parser("train", help="bootstrap a model or run one nightly update")
     mode = train.add_mutually_exclusive_group(required=True)
@@ -99,6 +139,34 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--source", choices=["dataset", "landed"], default="dataset",
                        help="nightly: the day's events from the data set or from the "
                        "lander's partitions under RECSTREAM_HOME/events (default: dataset)")
+
+
+def _add_import(data_sub: argparse._SubParsersAction) -> None:
+    im = data_sub.add_parser("import", help="an event log (CSV, Parquet, JSON lines; a file "
+                             "or a directory of them) into a new data set directory")
+    im.add_argument("source", type=Path, help="the event file, or a directory of them")
+    im.add_argument("--to", dest="target", type=Path, required=True,
+                    help="the data set directory to create (must not exist, or be empty)")
+    im.add_argument("--name", default=None, help="the data set's name (default: --to's)")
+    im.add_argument("--user-col", default="user_id", help="default: user_id")
+    im.add_argument("--item-col", default="item_id", help="default: item_id")
+    im.add_argument("--ts-col", default="ts", help="default: ts; ISO-8601, epoch seconds or "
+                    "milliseconds are recognised")
+    im.add_argument("--value-col", default=None, help="default: value, if there is one")
+    im.add_argument("--type-col", default=None, help="default: event_type, if there is one")
+    im.add_argument("--ts-format", default=None,
+                    help="strptime format for timestamps of any other shape, e.g. "
+                    "'%%d/%%m/%%Y %%H:%%M'")
+    im.add_argument("--delimiter", default=",", help="CSV field separator (default: ,)")
+    im.add_argument("--positive", type=_positive_rule, default="",
+                    help="'value >= 4' or 'event_type in [click, like]' (default: every "
+                    "event is a positive)")
+    im.add_argument("--users", type=Path, default=None, help="user features (CSV/Parquet)")
+    im.add_argument("--items", type=Path, default=None, help="item features (CSV/Parquet)")
+    im.add_argument("--user-fields", type=_field_list, default=None,
+                    help="e.g. 'age:numeric:6,gender,tags:multi,bio:text' (default: every "
+                    "column, kind inferred)")
+    im.add_argument("--item-fields", type=_field_list, default=None, help="as --user-fields")
 
 
 def _add_nightly(sub: argparse._SubParsersAction) -> None:
@@ -147,8 +215,10 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
                         "the test window's first days through Kafka in lockstep one-minute "
                         "windows, the stream and the nightly, scored from the served state; "
                         "report in RECSTREAM_HOME/report")
-    dm.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "synthetic"],
-                    help="data set (default: ml-100k, fetched into the cache)")
+    dm.add_argument("--dataset", default="ml-100k", metavar="NAME|DIR",
+                    type=lambda text: _dataset_ref(text, ("ml-100k", "synthetic")),
+                    help="ml-100k, synthetic or a data set directory (default: ml-100k, "
+                    "fetched into the cache)")
     dm.add_argument("--days", type=_positive_int, default=None,
                     help="replay this many of the test window's first days (default: as "
                     "many as fit about 5 minutes of replay, at least 3)")

@@ -24,15 +24,40 @@ class UsageError(Exception):
 
 
 def _dataset(settings: Settings, args: argparse.Namespace) -> Any:
-    from common.data.movielens import load_dataset
+    from common.data.datasets import load_dataset
 
-    return load_dataset(args.dataset, settings.data_cache, path=args.path)
+    return load_dataset(args.dataset, settings.data_cache, path=args.path,
+                        rating_threshold=settings.train.rating_threshold)
 
 
 def _cmd_data(settings: Settings, args: argparse.Namespace) -> None:
-    from common.data.movielens import fetch_ml100k
+    if args.data_command == "import":
+        from common.data.importer import ImportOptions, import_events
 
-    print(fetch_ml100k(settings.data_cache))
+        opts = ImportOptions(
+            user_col=args.user_col, item_col=args.item_col, ts_col=args.ts_col,
+            value_col=args.value_col, type_col=args.type_col, ts_format=args.ts_format,
+            positive=args.positive, name=args.name, delimiter=args.delimiter,
+            users=args.users, items=args.items, user_fields=args.user_fields,
+            item_fields=args.item_fields)
+        report = import_events(args.source, args.target, opts)
+        for line in report.bad.details():
+            print(f"bad rows: {line}", file=sys.stderr)
+        print(report.line())
+    elif args.data_command == "describe":
+        from common.data.describe import describe
+        from common.infra.atomic import write_text_atomic
+
+        args.path = None
+        figures = describe(_dataset(settings, args), settings.train.rating_threshold)
+        text = json.dumps(figures, indent=2)
+        if args.json is not None:
+            write_text_atomic(args.json, text + "\n")
+        print(text)
+    else:
+        from common.data.movielens import fetch_ml100k
+
+        print(fetch_ml100k(settings.data_cache))
 
 
 def _cmd_train(settings: Settings, args: argparse.Namespace) -> None:

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from batch.evaluation import default_train_before
+from common.data.datasets import load_dataset
 from common.data.events import DAY_MS, Events, format_day, parse_day
-from common.data.movielens import load_dataset
 from common.evaluation.baselines import PopularityScorer
 from common.evaluation.prequential import PrequentialResult, prequential_arms
 from common.evaluation.two_tower import ChampionScorer

@@ -74,7 +74,7 @@ def _main(env: dict[str, str], dataset_name: str, base_version: str, start_ms: i
     import torch
 
     from batch.freshness import freshness_curve
-    from common.data.movielens import load_dataset
+    from common.data.datasets import load_dataset
     from common.infra.settings import load_settings
     from common.model.registry import Registry
 

@@ -103,7 +103,7 @@ def test_history_model_saves_and_loads_and_old_configs_still_load(tmp_path: Path
 
 @pytest.mark.slow
 def test_ml100k_history_tower_beats_id_only_at_one_minute() -> None:
-    from common.data.movielens import load_dataset
+    from common.data.datasets import load_dataset
 
     torch.set_num_threads(1)
     base = small_settings()

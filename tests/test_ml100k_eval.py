@@ -5,7 +5,7 @@ import math
 import pytest
 
 from batch.evaluation import DEFAULT_MODELS, format_table, run_offline_eval
-from common.data.movielens import load_dataset
+from common.data.datasets import load_dataset
 from common.infra.settings import load_settings
 
 

@@ -10,11 +10,11 @@ import pytest
 
 from common.data import movielens
 from common.data.dataset import Dataset
+from common.data.datasets import load_dataset
 from common.data.movielens import (
     DataFetchError,
     DataFormatError,
     fetch_ml100k,
-    load_dataset,
     load_grouplens,
     load_recbole_ml100k,
 )

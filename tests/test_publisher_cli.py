@@ -15,8 +15,8 @@ from publishing import control_for, publish_env
 
 from batch.jobs import bootstrap_job
 from common.data.dataset import Dataset
+from common.data.datasets import load_dataset
 from common.data.events import DAY_MS
-from common.data.movielens import load_dataset
 from common.infra.redis_server import home_redis
 from common.infra.settings import Settings, load_settings
 from common.model.bundle import ModelBundle

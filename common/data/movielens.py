@@ -16,20 +16,17 @@ import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from common.data.dataset import Dataset
 from common.data.events import RATING, Events
-from common.data.synthetic import SyntheticConfig, generate
 from common.data.tables import FeatureTable, FieldSpec
 from common.infra.atomic import write_bytes_atomic
 
 RECBOLE_SPEC = "recbole==1.2.1"
 RECBOLE_DIR = "recbole/dataset_example/ml-100k/"
 ML100K_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
-DATASET_NAMES = ("ml-100k", "ml-1m", "synthetic")
 FETCH_TIMEOUT_S = 600
 
 USER_FIELDS = (
@@ -179,29 +176,6 @@ def _load_grouplens_1m(path: Path) -> Dataset:
     genres = [tuple(g for g in row[-1].split("|") if g) for row in movies]
     item_table = _item_table([row[0] for row in movies], genres, years)
     return Dataset("ml-1m", events, user_table, item_table)
-
-
-def load_dataset(name: str, cache_dir: Path, path: Path | None = None,
-                 **synthetic_kwargs: Any) -> Dataset:
-    """Load ``ml-100k`` (fetched, or from ``path``), ``ml-1m`` (from ``path``) or ``synthetic``."""
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    if synthetic_kwargs and name != "synthetic":
-        raise ValueError(f"generator options {sorted(synthetic_kwargs)} apply to 'synthetic' "
-                         f"only, not {name!r}")
-    if name == "synthetic":
-        if path is not None:
-            raise ValueError("the synthetic data set is generated and reads no path")
-        return generate(SyntheticConfig(**synthetic_kwargs)).dataset
-    if path is None:
-        if name == "ml-1m":
-            raise ValueError("ml-1m is not downloadable here: pass the path of a directory "
-                             "holding GroupLens' ratings.dat, users.dat and movies.dat")
-        return load_recbole_ml100k(fetch_ml100k(cache_dir))
-    found = detect_grouplens_format(path)
-    if found != name:
-        raise DataFormatError(f"{path} holds GroupLens {found}, not {name}")
-    return load_grouplens(path)
 
 
 def _read_lines(path: Path) -> list[str]:
